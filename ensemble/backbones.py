@@ -1,0 +1,156 @@
+"""Backbones from timm and torchvision behind one registry.
+
+A backbone name is ``<library>:<model>`` (``timm:resnet18``,
+``torchvision:resnet18``). Weights are never downloaded silently: ``pretrained``
+is empty (random init) or a local file (safetensors, or a torch state dict
+loaded with ``weights_only=True``).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+LIBRARIES: dict[str, Callable[..., nn.Module]] = {}
+_NAMES: dict[str, Callable[[], list[str]]] = {}
+
+
+class BackboneError(ValueError):
+    """Unknown backbone, unusable weights file: a user error."""
+
+
+def register(library: str, list_names: Callable[[], list[str]]):
+    def decorator(fn):
+        LIBRARIES[library] = fn
+        _NAMES[library] = list_names
+        return fn
+
+    return decorator
+
+
+def split_name(name: str) -> tuple[str, str]:
+    library, sep, model = name.partition(":")
+    if not sep or library not in LIBRARIES:
+        valid = " | ".join(f"{lib}:<model>" for lib in LIBRARIES)
+        raise BackboneError(f"must be {valid}, got {name!r}")
+    return library, model
+
+
+def check_name(name: str) -> None:
+    """Raise :class:`BackboneError` listing close matches when ``name`` is not a known model."""
+    library, model = split_name(name)
+    names = _NAMES[library]()
+    if model not in names:
+        close = difflib.get_close_matches(model, names, n=5, cutoff=0.6)
+        hint = f"; close matches: {', '.join(f'{library}:{c}' for c in close)}" if close else ""
+        raise BackboneError(f"names no {library} model: {name!r}{hint}")
+
+
+def _timm_names() -> list[str]:
+    import timm
+
+    return timm.list_models()
+
+
+def _torchvision_names() -> list[str]:
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models)
+
+
+@register("timm", _timm_names)
+def _timm(model: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+    import timm
+
+    return timm.create_model(model, pretrained=False, num_classes=num_classes, in_chans=in_chans, **kwargs)
+
+
+@register("torchvision", _torchvision_names)
+def _torchvision(model: str, num_classes: int, in_chans: int, **kwargs) -> nn.Module:
+    import torchvision
+
+    net = torchvision.models.get_model(model, weights=None, num_classes=num_classes, **kwargs)
+    if in_chans != 3:
+        name, conv = _first_conv(net)
+        _set_module(net, name, _conv_like(conv, in_channels=in_chans))
+    return net
+
+
+def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            return name, module
+    raise BackboneError(f"{type(model).__name__} has no Conv2d stem to adapt")
+
+
+def _set_module(model: nn.Module, dotted: str, new: nn.Module) -> None:
+    parent, _, leaf = dotted.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, new)
+
+
+def _conv_like(conv: nn.Conv2d, **changes) -> nn.Conv2d:
+    args = dict(
+        in_channels=conv.in_channels,
+        out_channels=conv.out_channels,
+        kernel_size=conv.kernel_size,
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=conv.bias is not None,
+    )
+    args.update(changes)
+    return nn.Conv2d(**args)
+
+
+def apply_cifar_stem(model: nn.Module) -> nn.Module:
+    """3x3 stride-1 first convolution and no max-pool: keeps 32x32 inputs from shrinking to 8x8."""
+    name, conv = _first_conv(model)
+    _set_module(model, name, _conv_like(conv, kernel_size=3, stride=1, padding=1))
+    for attr in ("maxpool", "max_pool", "pool"):
+        if isinstance(getattr(model, attr, None), nn.MaxPool2d):
+            setattr(model, attr, nn.Identity())
+    return model
+
+
+def load_weights(model: nn.Module, path: str) -> None:
+    """Load a local weights file, skipping tensors whose shape differs (a new classifier head)."""
+    file = Path(path)
+    if not file.is_file():
+        raise BackboneError(f"pretrained weights file not found: {path!r}")
+    try:
+        if file.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(file))
+        else:
+            state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any decoding problem is the file's
+        raise BackboneError(f"cannot read weights {path!r}: {exc}") from None
+    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise BackboneError(f"weights {path!r} share no tensor with {type(model).__name__}")
+    model.load_state_dict(usable, strict=False)
+
+
+def create(
+    name: str,
+    num_classes: int,
+    in_chans: int = 3,
+    stem: str = "default",
+    pretrained: str = "",
+    model_args: dict | None = None,
+) -> nn.Module:
+    """Build a backbone with a ``num_classes`` head for ``in_chans``-channel images."""
+    library, model = split_name(name)
+    kwargs = {k: v for k, v in (model_args or {}).items() if v is not None}  # timm style: None = default
+    net = LIBRARIES[library](model, num_classes=num_classes, in_chans=in_chans, **kwargs)
+    if pretrained:
+        load_weights(net, pretrained)
+    if stem == "cifar":
+        apply_cifar_stem(net)
+    return net

@@ -1,0 +1,153 @@
+"""Fit the combiners on the cached OOF logits and score members and combiners honestly.
+
+Members are scored on their OOF logits. A combiner is scored on nested
+out-of-fold probabilities (:func:`ensemble.combiners.cross_val_proba` over the
+saved folds), then refitted on every OOF row for the test set and for
+``predict``. Nothing here trains a network: a rerun with a changed
+``[ensemble]`` section takes seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from . import combiners as comb
+from . import metrics, store
+from .combiner_store import save_combiner
+from .recipe import Recipe
+
+SCALARS = ("accuracy", "precision", "recall", "f1", "f1_weighted", "nll", "brier", "ece")
+
+
+def split_metrics(proba: np.ndarray, y: np.ndarray, classes: list[str]) -> dict:
+    """Scalar metrics plus confusion matrix, per-class report and reliability bins."""
+    out = metrics.score(proba, y, len(classes))
+    out.update(metrics.details(proba, y, classes))
+    out["reliability"] = metrics.reliability(proba, y)
+    return out
+
+
+def _combiner_params(recipe: Recipe, name: str) -> dict:
+    base = name.removesuffix(comb.TS_SUFFIX)
+    e = recipe.ensemble
+    if base == "weighted":
+        return {"method": e.weighted.method, "rounds": e.weighted.rounds}
+    if base == "stacking":
+        return {"meta_learner": e.meta_learner, "meta_params": dict(e.meta_params)}
+    return {}
+
+
+def build_combiners(recipe: Recipe) -> dict[str, comb.Combiner]:
+    """Unfitted combiners of the recipe (plus ``+ts`` variants when ``calibrate``)."""
+    names = list(recipe.ensemble.combiners)
+    if recipe.ensemble.calibrate:
+        names += [n + comb.TS_SUFFIX for n in recipe.ensemble.combiners]
+    out = {}
+    for name in names:
+        try:
+            out[name] = comb.make_combiner(name, **_combiner_params(recipe, name))
+        except (ValueError, TypeError) as exc:
+            raise recipe.error("ensemble", f"cannot build combiner {name!r}: {exc}") from None
+    return out
+
+
+def member_sets(recipe: Recipe, run_dir: Path) -> tuple[store.Logits, dict[str, store.Logits]]:
+    """The members every combiner sees, and each snapshot backbone's snapshots."""
+    aliases = [b.alias for b in recipe.backbones]
+    members = store.load_logits(run_dir, aliases, recipe.ensemble.members)
+    snaps = {
+        b.alias: store.load_logits(run_dir, [b.alias], "snapshots") for b in recipe.backbones if b.train.snapshots
+    }
+    return members, snaps
+
+
+def _inputs_for(name: str, members: store.Logits, snaps: dict[str, store.Logits]) -> dict[str, store.Logits]:
+    """Result name -> the logits a combiner is fitted on (one per snapshot backbone for ``snapshot``)."""
+    if name.removesuffix(comb.TS_SUFFIX) != "snapshot":
+        return {name: members}
+    if len(snaps) == 1:
+        return {name: next(iter(snaps.values()))}
+    return {f"{name}:{alias}": logits for alias, logits in snaps.items()}
+
+
+def evaluate(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
+    """Write combiners/, metrics.json and metrics.csv for a run whose jobs are all done."""
+    run_dir = Path(run_dir)
+    classes = store.read_json(run_dir / "data.json")["classes"]
+    members, snaps = member_sets(recipe, run_dir)
+    result: dict = {"members": {}, "combiners": {}, "member_names": members.names, "classes": classes}
+    for i, name in enumerate(members.names):
+        result["members"][name] = _score_splits(members, metrics.softmax(members.oof[i]),
+                                               None if members.test is None else metrics.softmax(members.test[i]),
+                                               classes)
+    index = {}
+    for base_name, combiner in build_combiners(recipe).items():
+        for name, logits in _inputs_for(base_name, members, snaps).items():
+            oof = comb.cross_val_proba(combiner, logits.oof, logits.y, logits.folds)
+            fitted = combiner.clone().fit(logits.oof, logits.y)
+            test = None if logits.test is None else fitted.predict_proba(logits.test)
+            save_combiner(fitted, run_dir / "combiners", _file_name(name))
+            index[name] = {"file": _file_name(name), "members": logits.names}
+            result["combiners"][name] = _score_splits(logits, oof, test, classes)
+    result["best"] = max(result["combiners"], key=lambda n: _rank(result["combiners"][n]), default=None)
+    store.write_json(run_dir / "combiners" / "index.json", {"best": result["best"], "combiners": index})
+    store.write_json(run_dir / "metrics.json", result)
+    store.write_text(run_dir / "metrics.csv", to_csv(result))
+    if not quiet:
+        print(table(result))
+    return result
+
+
+def _file_name(name: str) -> str:
+    return name.replace(":", "-").replace("+", "_")
+
+
+def _rank(entry: dict) -> tuple[float, float]:
+    oof = entry["oof"]
+    return (oof["accuracy"], -oof["nll"])
+
+
+def _score_splits(logits: store.Logits, oof: np.ndarray, test: np.ndarray | None, classes: list[str]) -> dict:
+    out = {"oof": split_metrics(oof, logits.y, classes)}
+    if test is not None:
+        out["test"] = split_metrics(test, logits.y_test, classes)
+    return out
+
+
+def rows(result: dict):
+    """(kind, name, split, scalar metrics) for every member and combiner."""
+    for kind in ("members", "combiners"):
+        for name, splits in result[kind].items():
+            for split, values in splits.items():
+                yield kind.rstrip("s"), name, split, {k: values[k] for k in SCALARS}
+
+
+def to_csv(result: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["kind", "name", "split", *SCALARS])
+    for kind, name, split, values in rows(result):
+        writer.writerow([kind, name, split, *(f"{values[k]:.6f}" for k in SCALARS)])
+    return buf.getvalue()
+
+
+def table(result: dict) -> str:
+    """The end-of-fit table: OOF (nested for combiners) and test accuracy, macro F1, NLL."""
+    has_test = any("test" in s for s in result["members"].values())
+    head = f"{'':9} {'name':28} {'oof acc':>8} {'oof f1':>7} {'oof nll':>8}"
+    head += f" {'test acc':>8} {'test f1':>7} {'test nll':>8}" if has_test else ""
+    lines = [head, "-" * len(head)]
+    for kind in ("members", "combiners"):
+        for name, s in sorted(result[kind].items(), key=lambda kv: -kv[1]["oof"]["accuracy"]):
+            line = f"{kind.rstrip('s'):9} {name[:28]:28} {s['oof']['accuracy']:8.4f} {s['oof']['f1']:7.4f} "
+            line += f"{s['oof']['nll']:8.4f}"
+            if "test" in s:
+                line += f" {s['test']['accuracy']:8.4f} {s['test']['f1']:7.4f} {s['test']['nll']:8.4f}"
+            lines.append(line)
+    if result.get("best"):
+        lines.append(f"best combiner by nested OOF accuracy: {result['best']}")
+    return "\n".join(lines)

@@ -1,0 +1,380 @@
+"""The recipe: a TOML file loaded into frozen, fully validated dataclasses.
+
+Layering follows timm's train.py: the file, then ``--set key=value`` overrides,
+then the resolved recipe is saved in the run folder (``recipe.toml``). Every
+user mistake raises :class:`RecipeError` with one line naming the file and the
+dotted key: ``digits_5fold.toml: train.lr must be > 0, got -0.1``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class RecipeError(ValueError):
+    """A recipe that cannot be run; the message is one line, ready to print."""
+
+
+SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
+
+
+def _check(test, expected: str) -> dict:
+    """Field metadata: ``test(value)`` must hold; ``expected`` says what was expected."""
+    return {"check": test, "expected": expected}
+
+
+def _choice(*options) -> dict:
+    return _check(lambda v: v in options, "one of " + " | ".join(map(str, options)))
+
+
+_positive = _check(lambda v: v > 0, "> 0")
+_non_negative = _check(lambda v: v >= 0, ">= 0")
+_fraction = _check(lambda v: 0 <= v < 1, "in [0, 1)")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = field(default="digits", metadata=_choice(*SOURCES))
+    root: str = "data"  # download/cache folder of torchvision sources
+    path: str = ""  # source = "folder": an ImageFolder tree, or a .tar/.tar.gz of one
+    test_path: str = ""  # optional separate test set, same layout
+    test_fraction: float = field(default=0.0, metadata=_fraction)
+    per_class: int = field(default=0, metadata=_non_negative)
+    image_size: int = field(default=32, metadata=_check(lambda v: 4 <= v <= 1024, "in [4, 1024]"))
+    download: bool = True
+
+
+@dataclass(frozen=True)
+class CVConfig:
+    folds: int = field(default=5, metadata=_check(lambda v: v >= 2, ">= 2"))
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = field(default=10, metadata=_check(lambda v: v >= 1, ">= 1"))
+    batch_size: int = field(default=128, metadata=_check(lambda v: v >= 1, ">= 1"))
+    optimizer: str = field(default="sgd", metadata=_choice("sgd", "adamw"))
+    lr: float = field(default=0.1, metadata=_positive)
+    momentum: float = field(default=0.9, metadata=_fraction)
+    weight_decay: float = field(default=5e-4, metadata=_non_negative)
+    label_smoothing: float = field(default=0.1, metadata=_fraction)
+    schedule: str = field(default="onecycle", metadata=_choice("onecycle", "cosine"))
+    warmup: float = field(default=0.1, metadata=_fraction)  # share of the steps spent warming up
+    augment: tuple[str, ...] = ("flip", "crop")
+    snapshots: int = field(default=0, metadata=_check(lambda v: v == 0 or v >= 2, "0 or >= 2"))
+    device: str = field(
+        default="auto",
+        metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto | cpu | cuda | cuda:N"),
+    )
+    channels_last: bool = True
+    compile: bool = False
+
+
+# Keys of [train] that change speed, not results: a changed value never retrains a job.
+PERFORMANCE_KEYS = ("device", "channels_last", "compile")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    name: str  # timm:<name> | torchvision:<name>
+    alias: str = ""  # member name; derived from `name` when empty
+    stem: str = field(default="default", metadata=_choice("default", "cifar"))
+    pretrained: str = ""  # "" or a local weights file (never a hub download)
+    model_args: dict = field(default_factory=dict)  # extra constructor kwargs, e.g. { drop_rate = 0.1 }
+    train: TrainConfig = TrainConfig()  # [train] with this backbone's overrides applied
+
+
+@dataclass(frozen=True)
+class WeightedConfig:
+    method: str = field(default="greedy", metadata=_choice("greedy", "logloss"))
+    rounds: int = field(default=25, metadata=_check(lambda v: v >= 1, ">= 1"))
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    combiners: tuple[str, ...] = ("vote", "mean", "weighted", "stacking")
+    members: str = field(default="final", metadata=_choice("final", "snapshots"))
+    calibrate: bool = False
+    weighted: WeightedConfig = WeightedConfig()
+    meta_learner: str = "logistic"
+    meta_params: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    cv: CVConfig = CVConfig()
+    train: TrainConfig = TrainConfig()
+    backbones: tuple[BackboneConfig, ...] = ()
+    ensemble: EnsembleConfig = EnsembleConfig()
+    source_file: str = field(default="", compare=False)  # where it was read from (for messages)
+
+    def error(self, key: str, message: str) -> RecipeError:
+        return RecipeError(f"{Path(self.source_file).name or 'recipe'}: {key} {message}")
+
+
+# --------------------------------------------------------------------------- building
+
+
+def _type_name(tp) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", dict: "a table"}.get(
+        tp, "a list" if typing.get_origin(tp) is tuple else getattr(tp, "__name__", str(tp))
+    )
+
+
+def _convert(value: Any, tp, key: str, fail) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise fail(f"must be a list, got {value!r}")
+        (item_tp, _) = typing.get_args(tp)
+        return tuple(_convert(v, item_tp, f"{key}[{i}]", fail) for i, v in enumerate(value))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is dict:
+        if not isinstance(value, dict):
+            raise fail(f"must be a table, got {value!r}")
+        return dict(value)
+    if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
+        raise fail(f"must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls, table: Any, prefix: str, where: str, extra: dict | None = None):
+    """Build dataclass ``cls`` from a TOML table; unknown keys, bad types and ranges are errors."""
+
+    def fail(key: str):
+        return lambda msg: RecipeError(f"{where}: {key} {msg}")
+
+    if not isinstance(table, dict):
+        raise fail(prefix.rstrip("."))(f"must be a table, got {table!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source_file"]
+    unknown = [k for k in table if k not in names]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], names, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(names)}"
+        raise fail(prefix + unknown[0])(f"is not a known key{hint}")
+    values = dict(extra or {})
+    for f in dataclasses.fields(cls):
+        if f.name not in table:
+            continue
+        key = prefix + f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            values[f.name] = _build(tp, table[f.name], key + ".", where)
+            continue
+        value = _convert(table[f.name], tp, key, fail(key))
+        check = f.metadata.get("check")
+        if check is not None and not check(value):
+            raise fail(key)(f"must be {f.metadata['expected']}, got {value!r}")
+        values[f.name] = value
+    try:
+        return cls(**values)
+    except TypeError as exc:  # a required key is missing
+        missing = re.findall(r"'(\w+)'", str(exc))
+        raise fail(prefix + (missing[0] if missing else ""))("is required") from None
+
+
+def _derive_alias(name: str) -> str:
+    return name.split(":", 1)[-1].replace("/", "_")
+
+
+def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[BackboneConfig, ...]:
+    if not isinstance(items, list) or not items:
+        raise RecipeError(f"{where}: backbones must be a non-empty list of [[backbones]] tables, got {items!r}")
+    own = {f.name for f in dataclasses.fields(BackboneConfig)} - {"train"}
+    train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
+    result, seen = [], {}
+    for i, item in enumerate(items):
+        prefix = f"backbones[{i}]."
+        if not isinstance(item, dict):
+            raise RecipeError(f"{where}: backbones[{i}] must be a table, got {item!r}")
+        overrides = {k: v for k, v in item.items() if k in train_keys}
+        rest = {k: v for k, v in item.items() if k not in train_keys}
+        base = dataclasses.asdict(train)
+        merged = _build(TrainConfig, {**base, **overrides}, prefix, where)
+        b = _build(BackboneConfig, rest, prefix, where, extra={"train": merged})
+        alias = b.alias or _derive_alias(b.name)
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", alias):
+            raise RecipeError(f"{where}: {prefix}alias must use letters, digits, '_', '-', '.', got {alias!r}")
+        if alias in seen:
+            raise RecipeError(
+                f"{where}: {prefix}alias {alias!r} is already used by backbones[{seen[alias]}]; "
+                "set a distinct `alias` for one of them"
+            )
+        seen[alias] = i
+        result.append(dataclasses.replace(b, alias=alias))
+    return tuple(result)
+
+
+def _check_cross_fields(r: Recipe, where: str) -> None:
+    for i, b in enumerate(r.backbones):
+        t = b.train
+        if t.snapshots and t.epochs % t.snapshots:
+            raise RecipeError(
+                f"{where}: backbones[{i}].snapshots = {t.snapshots} must divide epochs = {t.epochs} "
+                "(each snapshot is kept at the end of an epoch)"
+            )
+    if r.data.source == "folder" and not r.data.path:
+        raise RecipeError(f"{where}: data.path is required when data.source = 'folder'")
+    for key in ("path", "test_path"):
+        value = getattr(r.data, key)
+        if value and not Path(value).exists():
+            raise RecipeError(f"{where}: data.{key} does not exist: {value!r}")
+    if r.ensemble.members == "snapshots" and not any(b.train.snapshots for b in r.backbones):
+        raise RecipeError(f"{where}: ensemble.members = 'snapshots' needs a backbone with train.snapshots >= 2")
+
+
+def from_dict(table: dict, where: str = "recipe") -> Recipe:
+    """Build and validate a :class:`Recipe` from a parsed TOML table."""
+    table = dict(table)
+    backbones = table.pop("backbones", None)
+    recipe = _build(Recipe, table, "", where)
+    recipe = dataclasses.replace(
+        recipe, backbones=_build_backbones(backbones, recipe.train, where), source_file=where
+    )
+    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", recipe.name):
+        raise RecipeError(f"{where}: name must use letters, digits, '_', '-', '.', got {recipe.name!r}")
+    _check_cross_fields(recipe, where)
+    return recipe
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.lr=0.05"`` -> (["train", "lr"], 0.05); the value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise RecipeError(f"--set expects key=value, got {text!r}")
+    key, raw = text.split("=", 1)
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def apply_override(table: dict, path: list[str], value: Any) -> None:
+    """Set ``value`` at a dotted path; ``backbones.1.epochs`` addresses the second backbone."""
+    node: Any = table
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            if not part.isdigit() or int(part) >= len(node):
+                raise RecipeError(f"--set {'.'.join(path)}: no list item {part!r} (there are {len(node)})")
+            node = node[int(part)]
+        else:
+            node = node.setdefault(part, {})
+    if isinstance(node, list):
+        raise RecipeError(f"--set {'.'.join(path)}: address a list item by index, e.g. backbones.0.epochs")
+    node[path[-1]] = value
+
+
+def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file."""
+    path = Path(path)
+    where = path.name
+    try:
+        table = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise RecipeError(f"{where}: no such recipe file: {str(path)!r}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{where}: not valid TOML: {exc}") from None
+    for text in overrides:
+        apply_override(table, *parse_override(text))
+    recipe = from_dict(table, where)
+    return dataclasses.replace(recipe, source_file=str(path))
+
+
+# --------------------------------------------------------------------------- saving
+
+
+def to_dict(recipe: Recipe) -> dict:
+    """The recipe as a TOML-shaped table (backbones list only their own keys and overrides)."""
+    train = dataclasses.asdict(recipe.train)
+    out = {
+        "name": recipe.name,
+        "seed": recipe.seed,
+        "data": dataclasses.asdict(recipe.data),
+        "cv": dataclasses.asdict(recipe.cv),
+        "train": train,
+        "ensemble": dataclasses.asdict(recipe.ensemble),
+        "backbones": [],
+    }
+    for b in recipe.backbones:
+        item = {k: v for k, v in dataclasses.asdict(b).items() if k != "train"}
+        item.update({k: v for k, v in dataclasses.asdict(b.train).items() if train[k] != v})
+        out["backbones"].append(item)
+    return out
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int | float):
+        return repr(v)
+    if isinstance(v, str):
+        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, list | tuple):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def dumps(recipe: Recipe) -> str:
+    """Serialise a recipe to TOML text that :func:`load` reads back to an equal recipe."""
+    d = to_dict(recipe)
+    lines = [f"name = {_toml_value(d['name'])}", f"seed = {_toml_value(d['seed'])}", ""]
+    for section in ("data", "cv", "train", "ensemble"):
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in d[section].items()]
+        lines.append("")
+    for item in d["backbones"]:
+        lines.append("[[backbones]]")
+        lines += [f"{k} = {_toml_value(v)}" for k, v in item.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def check_names(recipe: Recipe) -> None:
+    """Check names that live in registries: backbones, augmentations, combiners, meta-learners."""
+    from . import augment, backbones, combiners
+
+    where = Path(recipe.source_file).name or "recipe"
+    for i, b in enumerate(recipe.backbones):
+        try:
+            backbones.check_name(b.name)
+        except backbones.BackboneError as exc:
+            raise RecipeError(f"{where}: backbones[{i}].name {exc}") from None
+        for j, name in enumerate(b.train.augment):
+            if name not in augment.AUGMENTATIONS:
+                raise RecipeError(
+                    f"{where}: backbones[{i}].augment[{j}] must be one of "
+                    f"{' | '.join(augment.AUGMENTATIONS)}, got {name!r}"
+                )
+    for j, name in enumerate(recipe.ensemble.combiners):
+        if name not in combiners.available():
+            close = difflib.get_close_matches(name, combiners.available(), n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise RecipeError(
+                f"{where}: ensemble.combiners[{j}] must be one of {' | '.join(combiners.available())}, "
+                f"got {name!r}{hint}"
+            )
+    if "snapshot" in recipe.ensemble.combiners and not any(b.train.snapshots for b in recipe.backbones):
+        raise RecipeError(
+            f"{where}: ensemble.combiners lists 'snapshot' but no backbone sets snapshots >= 2; "
+            "set snapshots on a backbone or drop the combiner"
+        )

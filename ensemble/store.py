@@ -1,0 +1,207 @@
+"""The run folder on disk: atomic writes, job keys, done-markers, and reading logits back.
+
+Layout (see README, "Run folder")::
+
+    outputs/<run>/recipe.toml, data.json, labels.npy, test_labels.npy, folds.npy
+    outputs/<run>/members/<alias>/fold<k>/oof_logits.npy   (S, n_k, C)
+                                          test_logits.npy  (S, n_test, C)
+                                          history.json, weights.safetensors,
+                                          snapshot<i>.safetensors, meta.json, done.json
+
+Every file is written to a temporary name and renamed into place, and a job's
+``done.json`` is written last: a job is either complete or absent, whenever the
+process is killed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class RunError(ValueError):
+    """A run folder that is missing files or holds files of the wrong shape."""
+
+
+# --------------------------------------------------------------------------- atomic writes
+
+
+def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: Path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def write_npy(path: Path, array: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
+            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+
+    atomic_write(path, write)
+
+
+def read_npy(path: Path) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; run `python -m ensemble.fit` to complete the run") from None
+    except (ValueError, OSError, EOFError) as exc:
+        raise RunError(f"{path}: not a readable numpy array ({exc})") from None
+
+
+def read_json(path: Path):
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise RunError(f"{path}: missing; run `python -m ensemble.fit` to complete the run") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RunError(f"{path}: not valid JSON ({exc})") from None
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+def fingerprint(*parts) -> str:
+    """A short stable hash of JSON-able parts and numpy arrays."""
+    h = hashlib.sha256()
+    for part in parts:
+        if isinstance(part, np.ndarray):
+            h.update(str((part.dtype, part.shape)).encode())
+            h.update(np.ascontiguousarray(part).tobytes())
+        else:
+            h.update(json.dumps(part, sort_keys=True, default=str).encode())
+    return h.hexdigest()[:16]
+
+
+def job_dir(run_dir: Path, alias: str, fold: int) -> Path:
+    return Path(run_dir) / "members" / alias / f"fold{fold}"
+
+
+def is_done(directory: Path, key: str) -> bool:
+    """True when the job in ``directory`` finished with exactly this ``key``."""
+    try:
+        return json.loads((Path(directory) / "done.json").read_text()).get("key") == key
+    except (OSError, ValueError):
+        return False
+
+
+def write_job(directory: Path, output, meta: dict) -> None:
+    """Write one job's files atomically; ``done.json`` goes last."""
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    (directory / "done.json").unlink(missing_ok=True)
+    write_npy(directory / "oof_logits.npy", output.oof_logits)
+    if output.test_logits is not None:
+        write_npy(directory / "test_logits.npy", output.test_logits)
+    write_json(directory / "history.json", output.history)
+    *snapshots, final = output.states
+    for i, state in enumerate(snapshots):
+        atomic_write(directory / f"snapshot{i}.safetensors", lambda tmp, s=state: save_file(s, str(tmp)))
+    atomic_write(directory / "weights.safetensors", lambda tmp: save_file(final, str(tmp)))
+    write_json(directory / "meta.json", meta)
+    write_json(directory / "done.json", {"key": meta["key"]})
+
+
+# --------------------------------------------------------------------------- reading logits back
+
+
+@dataclass
+class Logits:
+    """Member logits of a finished run, ready for the combiners.
+
+    ``oof`` (n_members, N, C): each row from the fold model that never trained on it.
+    ``test`` (n_members, n_test, C): the mean of the k fold models' test logits.
+    """
+
+    names: list[str]
+    oof: np.ndarray
+    test: np.ndarray | None
+    y: np.ndarray
+    y_test: np.ndarray | None
+    folds: np.ndarray
+    groups: dict[str, list[str]]  # backbone alias -> its member names (snapshots, or itself)
+
+
+def member_names(alias: str, n_snapshots: int, members: str) -> list[tuple[str, int]]:
+    """(member name, snapshot index) pairs a backbone contributes; index -1 is the final model."""
+    if members == "snapshots" and n_snapshots > 1:
+        return [(f"{alias}@s{i + 1}", i) for i in range(n_snapshots)]
+    return [(alias, -1)]
+
+
+def load_logits(run_dir: Path, aliases: list[str], members: str = "final", snapshots_of: set[str] = frozenset()) -> Logits:
+    """Assemble the OOF matrix and the fold-averaged test logits of ``aliases``.
+
+    ``snapshots_of`` names backbones whose every snapshot becomes a member regardless of ``members``
+    (used for the snapshot combiner).
+    """
+    run_dir = Path(run_dir)
+    folds = read_npy(run_dir / "folds.npy")
+    y = read_npy(run_dir / "labels.npy")
+    test_path = run_dir / "test_labels.npy"
+    y_test = read_npy(test_path) if test_path.exists() else None
+    k = int(folds.max()) + 1
+    names, oof, test, groups = [], [], [], {}
+    for alias in aliases:
+        fold_oof, fold_test = [], []
+        for fold in range(k):
+            d = job_dir(run_dir, alias, fold)
+            if not (d / "done.json").exists():
+                raise RunError(f"{d}: job not finished; run `python -m ensemble.fit` on this run to complete it")
+            fold_oof.append(read_npy(d / "oof_logits.npy"))
+            if y_test is not None:
+                fold_test.append(read_npy(d / "test_logits.npy"))
+        s, c = fold_oof[0].shape[0], fold_oof[0].shape[-1]
+        full = np.empty((s, len(y), c), dtype=np.float32)
+        for fold, part in enumerate(fold_oof):
+            rows = np.flatnonzero(folds == fold)
+            if part.shape != (s, len(rows), c):
+                raise RunError(
+                    f"{job_dir(run_dir, alias, fold) / 'oof_logits.npy'}: expected shape {(s, len(rows), c)}, "
+                    f"got {part.shape}"
+                )
+            full[:, rows] = part
+        bagged = np.mean(fold_test, axis=0) if fold_test else None
+        if bagged is not None and bagged.shape != (s, len(y_test), c):
+            raise RunError(f"{alias}: test logits have shape {bagged.shape}, expected {(s, len(y_test), c)}")
+        mode = "snapshots" if alias in snapshots_of else members
+        groups[alias] = []
+        for name, i in member_names(alias, s, mode):
+            names.append(name)
+            groups[alias].append(name)
+            oof.append(full[i])
+            if bagged is not None:
+                test.append(bagged[i])
+    return Logits(
+        names=names,
+        oof=np.stack(oof),
+        test=np.stack(test) if test else None,
+        y=y,
+        y_test=y_test,
+        folds=folds,
+        groups=groups,
+    )

@@ -1,0 +1,96 @@
+"""Recipe loading, overrides, round-trip, and the table of bad recipes (exit status 2, one line)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ensemble import fit, recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "recipes" / "digits_5fold.toml"
+
+BAD_OVERRIDES = [
+    (["foo=1"], "digits_5fold.toml: foo is not a known key"),
+    (["train.lrr=0.1"], "train.lrr is not a known key; did you mean 'lr'?"),
+    (["train.epochs='ten'"], "train.epochs must be an integer, got 'ten'"),
+    (["train.lr=-0.1"], "digits_5fold.toml: train.lr must be > 0, got -0.1"),
+    (["train.optimizer='adam'"], "train.optimizer must be one of sgd | adamw, got 'adam'"),
+    (["train.device='gpu'"], "train.device must be auto | cpu | cuda | cuda:N, got 'gpu'"),
+    (["data.source='imagenet'"], "data.source must be one of digits | cifar10"),
+    (["data.test_fraction=1.5"], "data.test_fraction must be in [0, 1), got 1.5"),
+    (["data.source='folder'", "data.path='no/such/dir'"], "data.path does not exist: 'no/such/dir'"),
+    (["data.source='folder'"], "data.path is required when data.source = 'folder'"),
+    (["cv.folds=1"], "cv.folds must be >= 2, got 1"),
+    (["data.per_class=3"], "cv.folds = 5 needs at least that many training images per class, but class '0' has 2"),
+    (["backbones.0.name='timm:resnet181'"], "backbones[0].name names no timm model: 'timm:resnet181'; close matches"),
+    (["backbones.0.name='resnet18'"], "backbones[0].name must be timm:<model> | torchvision:<model>"),
+    (["backbones.1.lr=0"], "backbones[1].lr must be > 0, got 0"),
+    (["backbones.0.augment=['flip','blur']"], "backbones[0].augment[1] must be one of"),
+    (["backbones.2.snapshots=3"], "backbones[2].snapshots = 3 must divide epochs = 10"),
+    (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
+    (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
+    (["ensemble.meta_learner='svm'"], "cannot build combiner 'stacking'"),
+    (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
+    (["backbones=[]"], "backbones must be a non-empty list"),
+    (["train.epochs"], "--set expects key=value, got 'train.epochs'"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD_OVERRIDES, ids=[o[0] for o, _ in BAD_OVERRIDES])
+def test_bad_recipe_exits_2_with_one_line(overrides, message, capsys, tmp_path):
+    args = [str(DIGITS), "--out", str(tmp_path / "run"), "--quiet", "--cache", str(tmp_path / "cache")]
+    for o in overrides:
+        args += ["--set", o]
+    assert fit.main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1, err  # one line, no traceback
+    assert not (tmp_path / "run" / "members").exists()  # nothing was trained
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("name = 'x'\n[train\n", "x.toml: not valid TOML"),
+        ("name = 'x'\nseed = 0\n", "x.toml: backbones must be a non-empty list"),
+        ("seed = 0\n[[backbones]]\nname = 'timm:test_resnet'\n", "x.toml: name is required"),
+        ("name = 'a b'\n[[backbones]]\nname = 'timm:test_resnet'\n", "x.toml: name must use letters"),
+        ("name = 'x'\n[[backbones]]\nname = 'timm:test_resnet'\nstem = 'tiny'\n", "backbones[0].stem must be one of"),
+    ],
+)
+def test_bad_recipe_files(text, message, tmp_path, capsys):
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    assert fit.main([str(path), "--out", str(tmp_path / "run")]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_recipe_file(tmp_path, capsys):
+    assert fit.main([str(tmp_path / "nope.toml")]) == 2
+    assert "nope.toml: no such recipe file" in capsys.readouterr().err
+
+
+def test_overrides_and_backbone_inheritance():
+    r = recipe.load(DIGITS, ["train.epochs=4", "cv.folds=3", "backbones.0.lr=0.2"])
+    assert r.cv.folds == 3
+    assert [b.train.epochs for b in r.backbones] == [4, 4, 4]
+    assert r.backbones[0].train.lr == 0.2
+    assert r.backbones[1].train.optimizer == "adamw"  # its own override survives
+    assert r.backbones[0].alias == "test_resnet"
+    assert r.backbones[2].alias == "test_vit_snapshots"
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    r = recipe.load(DIGITS, ["train.epochs=4"])
+    path = tmp_path / "resolved.toml"
+    path.write_text(recipe.dumps(r))
+    again = recipe.load(path)
+    assert again == r
+
+
+def test_recipe_is_frozen():
+    r = recipe.load(DIGITS)
+    with pytest.raises(AttributeError):
+        r.train.lr = 1.0  # type: ignore[misc]
