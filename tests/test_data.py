@@ -1,0 +1,311 @@
+"""Tests of ensemble.data on real tiny data: scikit-learn's digits, small PIL-made image
+folders and archives, and (when present) a slice of the shared CIFAR-10 archive."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tarfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ensemble import data
+from ensemble.data import DataError, Dataset, Images, load_dataset, read_images, resize
+
+CIFAR_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "train.tar.gz"
+CLASSES = ("cat", "dog", "emu")
+
+
+def cfg(**overrides) -> SimpleNamespace:
+    """A recipe data section with the recipe's defaults, digits at their native 8x8."""
+    values = dict(source="digits", root="data", path="", test_path="", test_fraction=0.0, per_class=0,
+                  image_size=8, download=False)
+    return SimpleNamespace(**(values | overrides))
+
+
+def load(cache: Path, seed: int = 0, **overrides) -> Dataset:
+    return load_dataset(cfg(**overrides), cache, seed, progress=False)
+
+
+def rng_image(rng: np.random.Generator, size: tuple[int, int], mode: str) -> Image.Image:
+    shape = (size[1], size[0]) if mode == "L" else (size[1], size[0], 3)
+    return Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+
+
+def make_tree(root: Path, top: str | None = None, classes=CLASSES, per_class: int = 3, mode: str = "RGB",
+              size=(12, 12), ext: str = ".png", seed: int = 0) -> Path:
+    """An ImageFolder tree root/[top/]<class>/<i>.<ext> of random images; returns the tree root."""
+    rng = np.random.default_rng(seed)
+    base = root / top if top else root
+    for c in classes:
+        (base / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            rng_image(rng, size, mode).save(base / c / f"{i:02d}{ext}")
+    return root
+
+
+def make_tar(tree: Path, archive: Path) -> Path:
+    mode = "w:gz" if archive.name.endswith((".gz", ".tgz")) else "w"
+    with tarfile.open(archive, mode) as tf:
+        for entry in sorted(tree.iterdir()):
+            tf.add(entry, arcname=entry.name)
+    return archive
+
+
+# --------------------------------------------------------------------------- digits
+
+
+def test_digits_shapes_dtypes_classes(tmp_path):
+    ds = load(tmp_path)
+    assert ds.train.x.shape == (1797, 1, 8, 8) and ds.train.x.dtype == torch.uint8
+    assert ds.train.x.is_contiguous() and ds.train.x.device.type == "cpu"
+    assert ds.train.y.dtype == torch.int64 and ds.train.y.shape == (1797,)
+    assert ds.train.classes == tuple(str(i) for i in range(10))
+    assert ds.test is None
+    assert int(ds.train.x.max()) == 255 and int(ds.train.x.min()) == 0
+    x = ds.train.x.double() / 255
+    assert ds.mean == pytest.approx([x.mean().item()], abs=1e-12)
+    assert ds.std == pytest.approx([x.std(correction=0).item()], abs=1e-12)
+
+
+def test_digits_per_class_keeps_first_images_in_source_order(tmp_path):
+    full, five = load(tmp_path), load(tmp_path, per_class=5)
+    assert len(five.train.y) == 50
+    assert torch.bincount(five.train.y).tolist() == [5] * 10
+    y = full.train.y.numpy()
+    expected = np.sort(np.concatenate([np.flatnonzero(y == c)[:5] for c in range(10)]))
+    assert torch.equal(five.train.x, full.train.x[expected])
+    assert five.fingerprint != full.fingerprint
+
+
+def _rows(images: Images) -> list[bytes]:
+    return sorted(bytes(r) + bytes([int(c)]) for r, c in zip(images.x.reshape(len(images.x), -1).numpy(), images.y))
+
+
+def test_digits_test_fraction_is_stratified_disjoint_and_seeded(tmp_path):
+    full = load(tmp_path)
+    a, b, other = (load(tmp_path, seed=s, test_fraction=0.2) for s in (0, 0, 1))
+    assert len(a.test.y) == 360 and len(a.train.y) == 1797 - 360
+    counts, test_counts = torch.bincount(full.train.y), torch.bincount(a.test.y)
+    assert torch.all((test_counts - 0.2 * counts).abs() <= 1)
+    assert sorted(_rows(a.train) + _rows(a.test)) == _rows(full.train)
+    assert a.fingerprint == b.fingerprint and torch.equal(a.test.x, b.test.x)
+    assert a.fingerprint != other.fingerprint and not torch.equal(a.test.y, other.test.y)
+    x = a.train.x.double() / 255  # statistics come from the training part only
+    assert a.mean == pytest.approx([x.mean().item()], abs=1e-12)
+
+
+def test_per_class_then_test_fraction(tmp_path):
+    ds = load(tmp_path, per_class=20, test_fraction=0.25)
+    assert torch.bincount(ds.test.y).tolist() == [5] * 10
+    assert torch.bincount(ds.train.y).tolist() == [15] * 10
+
+
+def test_image_size_resizes_every_image(tmp_path):
+    ds = load(tmp_path, image_size=16)
+    assert ds.train.x.shape == (1797, 1, 16, 16) and ds.train.x.dtype == torch.uint8
+    flat = torch.full((2, 3, 9, 7), 77, dtype=torch.uint8)
+    assert torch.equal(resize(flat, 4), torch.full((2, 3, 4, 4), 77, dtype=torch.uint8))
+    assert resize(ds.train.x, 16) is ds.train.x  # already that size: no copy
+
+
+def test_progress_bar_only_when_asked(tmp_path, capsys):
+    tree = make_tree(tmp_path / "tree")
+    load_dataset(cfg(source="folder", path=str(tree)), tmp_path / "c1", 0, progress=False)
+    assert capsys.readouterr().err == ""
+    load_dataset(cfg(source="folder", path=str(tree)), tmp_path / "c2", 0, progress=True)
+    assert "decoding" in capsys.readouterr().err
+
+
+def write_idx(path: Path, array: np.ndarray) -> None:
+    """An MNIST idx file (big-endian header: magic 0x08 0x<ndim>, then the dims) of uint8 `array`."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 8, array.ndim]) + np.array(array.shape, dtype=">i4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+@pytest.mark.parametrize("source, folder", [("mnist", "MNIST"), ("fashion_mnist", "FashionMNIST")])
+def test_torchvision_source_from_local_files(tmp_path, source, folder):
+    rng = np.random.default_rng(0)
+    raw = tmp_path / "vision" / folder / "raw"
+    train_x, test_x = rng.integers(0, 256, (30, 28, 28)), rng.integers(0, 256, (10, 28, 28))
+    write_idx(raw / "train-images-idx3-ubyte", train_x)
+    write_idx(raw / "train-labels-idx1-ubyte", np.arange(30) % 10)
+    write_idx(raw / "t10k-images-idx3-ubyte", test_x)
+    write_idx(raw / "t10k-labels-idx1-ubyte", np.arange(10))
+    ds = load(tmp_path / "cache", source=source, root=str(tmp_path / "vision"), image_size=28)
+    assert ds.train.x.shape == (30, 1, 28, 28) and ds.test.x.shape == (10, 1, 28, 28)
+    assert np.array_equal(ds.train.x[:, 0].numpy(), train_x) and ds.test.y.tolist() == list(range(10))
+    assert len(ds.train.classes) == 10
+    carved = load(tmp_path / "cache", source=source, root=str(tmp_path / "vision"), image_size=14, test_fraction=0.5)
+    assert carved.train.x.shape == (15, 1, 14, 14) and len(carved.test.y) == 15  # official test not used
+
+
+# --------------------------------------------------------------------------- folders and archives
+
+
+@pytest.mark.parametrize("top", [None, "train"])
+@pytest.mark.parametrize("suffix", [".tar", ".tar.gz", ".tgz"])
+def test_tree_and_archive_load_the_same_images(tmp_path, top, suffix):
+    tree = make_tree(tmp_path / "tree", top=top, size=(10, 10))
+    archive = make_tar(tree, tmp_path / f"set{suffix}")
+    a = load(tmp_path / "cache", source="folder", path=str(tree), image_size=10)
+    b = load(tmp_path / "cache", source="folder", path=str(archive), image_size=10)
+    assert a.train.classes == b.train.classes == CLASSES
+    assert a.train.y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert torch.equal(a.train.x, b.train.x) and torch.equal(a.train.y, b.train.y)
+    assert a.fingerprint == b.fingerprint
+    base = tree / top if top else tree
+    png = np.asarray(Image.open(base / "dog" / "01.png")).transpose(2, 0, 1)  # lossless: exact pixels
+    assert np.array_equal(a.train.x[4].numpy(), png)
+
+
+def test_jpeg_decoding_matches_pil(tmp_path):
+    tree = make_tree(tmp_path / "tree", ext=".JPG", size=(16, 16))
+    ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=16)
+    pil = np.asarray(Image.open(tree / "emu" / "02.JPG").convert("RGB")).transpose(2, 0, 1).astype(int)
+    assert np.abs(ds.train.x[8].numpy().astype(int) - pil).max() <= 2
+
+
+def test_mixed_sizes_and_modes_become_rgb_of_image_size(tmp_path):
+    tree = make_tree(tmp_path / "tree", classes=("a", "b"), mode="RGB", size=(20, 14), ext=".bmp")
+    rng = np.random.default_rng(1)
+    rng_image(rng, (9, 30), "L").save(tree / "a" / "gray.png")
+    rng_image(rng, (8, 8), "RGB").convert("P").save(tree / "b" / "palette.gif")
+    Image.new("RGBA", (11, 11), (10, 20, 30, 40)).save(tree / "b" / "alpha.webp", lossless=True)
+    ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert ds.train.x.shape == (9, 3, 12, 12)
+    gray = ds.train.x[3]  # a/gray.png sorts after a/00..02.bmp
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+    alpha = ds.train.x[7]  # b/00..02.bmp, then b/alpha.webp
+    assert alpha[:, 5, 5].tolist() == pytest.approx([10, 20, 30], abs=3)
+
+
+def test_all_grayscale_stays_one_channel(tmp_path):
+    tree = make_tree(tmp_path / "tree", mode="L", size=(6, 6))
+    ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=6)
+    assert ds.train.x.shape == (9, 1, 6, 6) and len(ds.mean) == len(ds.std) == 1
+
+
+def test_test_path_gives_a_separate_test_set(tmp_path):
+    train = make_tree(tmp_path / "train", per_class=4, seed=0)
+    test = make_tar(make_tree(tmp_path / "test", top="val", per_class=2, seed=1), tmp_path / "test.tgz")
+    ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
+    assert len(ds.train.y) == 12 and len(ds.test.y) == 6
+    assert ds.test.classes == ds.train.classes and ds.test.y.tolist() == [0, 0, 1, 1, 2, 2]
+    x = ds.train.x.double() / 255
+    assert ds.mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-12)
+
+
+def test_second_load_uses_the_cache_and_a_changed_file_does_not(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "tree")
+    first = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    (entry,) = (tmp_path / "cache").iterdir()
+    assert {p.name for p in entry.iterdir()} == {"train_x.npy", "train_y.npy", "meta.json"}
+
+    def no_decoding(*args, **kwargs):
+        raise AssertionError("decoded although the cache holds this source")
+
+    monkeypatch.setattr(data, "_decode_blobs", no_decoding)
+    again = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert torch.equal(again.train.x, first.train.x) and again.fingerprint == first.fingerprint
+    with pytest.raises(AssertionError, match="decoded"):  # another image_size is another cache entry
+        load(tmp_path / "cache", source="folder", path=str(tree), image_size=6)
+    touched = tree / "cat" / "00.png"
+    os.utime(touched, ns=(1, 1))
+    with pytest.raises(AssertionError, match="decoded"):
+        load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+
+
+def test_damaged_cache_is_rebuilt(tmp_path):
+    first = load(tmp_path / "cache")
+    (entry,) = (tmp_path / "cache").iterdir()
+    (entry / "train_x.npy").write_bytes(b"garbage")
+    again = load(tmp_path / "cache")
+    assert torch.equal(again.train.x, first.train.x)
+
+
+def test_read_images_for_prediction(tmp_path):
+    tree = make_tree(tmp_path / "new", classes=("x",), per_class=2, size=(20, 20))
+    x, names = read_images(tree, 10)
+    assert x.shape == (2, 3, 10, 10) and names == ["x/00.png", "x/01.png"]
+    gray, names = read_images(tree / "x" / "00.png", 20, channels=1)
+    assert gray.shape == (1, 1, 20, 20) and names == ["00.png"]
+    expected = np.asarray(Image.open(tree / "x" / "00.png").convert("L"), dtype=int)
+    assert np.abs(gray[0, 0].numpy().astype(int) - expected).max() <= 1  # PIL's luma weights
+
+
+# --------------------------------------------------------------------------- errors
+
+
+def _folder(**overrides):
+    return lambda tmp: cfg(source="folder", image_size=12, **overrides)
+
+
+def _tree_then(change):
+    def setup(tmp):
+        tree = make_tree(tmp / "tree")
+        change(tree)
+        return cfg(source="folder", path=str(tree), image_size=12)
+    return setup
+
+
+def _write(path: Path, content: bytes):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(content)
+    return path
+
+
+ERRORS = [
+    ("unknown source", lambda tmp: cfg(source="imagenet"), "unknown; use one of: digits, cifar10"),
+    ("empty path", _folder(path=""), "data.path is empty"),
+    ("missing path", lambda tmp: cfg(source="folder", path=str(tmp / "nope")), "does not exist"),
+    ("not an archive", lambda tmp: cfg(source="folder", path=str(_write(tmp / "a.txt", b"hello"))), "not a tar"),
+    ("damaged archive", lambda tmp: cfg(source="folder", path=str(_write(tmp / "a.tar.gz", b"x" * 600))),
+     "damaged"),
+    ("tree without images", lambda tmp: cfg(source="folder", path=str(_write(tmp / "t/c/readme.txt", b"").parents[1])),
+     "no images"),
+    ("empty class folder", _tree_then(lambda t: (t / "yak").mkdir()), "yak' has no images"),
+    ("corrupt image", _tree_then(lambda t: _write(t / "dog" / "bad.png", b"\x89PNG not really")), "bad.png"),
+    ("corrupt jpeg", _tree_then(lambda t: _write(t / "dog" / "bad.jpg", b"\xff\xd8\xff garbage")), "bad.jpg"),
+    ("images outside class folders", _tree_then(lambda t: shutil.copy(t / "cat" / "00.png", t / "loose.png")),
+     "outside class folders"),
+    ("one class", lambda tmp: cfg(source="folder", path=str(make_tree(tmp / "t", classes=("a",)))), "at least 2"),
+    ("per_class too large", lambda tmp: cfg(per_class=200), "per_class = 200"),
+    ("test_fraction too small", lambda tmp: cfg(test_fraction=0.001), "test_fraction = 0.001"),
+    ("test_path and test_fraction", lambda tmp: cfg(test_path="x", test_fraction=0.2), "only one"),
+    ("test classes differ", lambda tmp: cfg(source="folder", image_size=12, path=str(make_tree(tmp / "a")),
+                                            test_path=str(make_tree(tmp / "b", classes=("cat", "dog", "gnu")))),
+     "missing from test: ['emu'], not in train: ['gnu']"),
+    ("cifar10 not downloaded", lambda tmp: cfg(source="cifar10", root=str(tmp / "vision")), "data.download = true"),
+    ("mnist not downloaded", lambda tmp: cfg(source="mnist", root=str(tmp / "vision")), "vision'"),
+]
+
+
+@pytest.mark.parametrize("setup, fragment", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
+def test_bad_inputs_raise_data_error(tmp_path, setup, fragment):
+    with pytest.raises(DataError) as info:
+        load_dataset(setup(tmp_path), tmp_path / "cache", 0, progress=False)
+    assert fragment in str(info.value)
+
+
+# --------------------------------------------------------------------------- real CIFAR-10
+
+
+def test_cifar10_archive_slice(tmp_path):
+    if not CIFAR_ARCHIVE.is_file():
+        pytest.skip(f"the shared CIFAR-10 archive is not at {CIFAR_ARCHIVE}")
+    ds = load(tmp_path / "cache", source="folder", path=str(CIFAR_ARCHIVE), per_class=20, image_size=32)
+    try:
+        assert ds.train.classes == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                    "ship", "truck")
+        assert ds.train.x.shape == (200, 3, 32, 32) and ds.test is None
+        assert torch.bincount(ds.train.y).tolist() == [20] * 10
+        assert all(0.3 < m < 0.6 for m in ds.mean) and all(0.15 < s < 0.35 for s in ds.std)
+    finally:
+        shutil.rmtree(tmp_path / "cache")  # 150 MB of decoded arrays

@@ -1,0 +1,353 @@
+"""The generated report: every plot exists and decodes, the HTML is self-contained and complete,
+labels stay legible with 20 members, an incomplete run fails with a clear error, and the page
+renders in headless Chromium (skipped where Chromium is not installed)."""
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from ensemble import report
+from ensemble.metrics import softmax
+from ensemble.report import ReportError, load_run, main, write_report
+
+sys.path.insert(0, str(Path(__file__).parent))
+from run_fixture import make_run  # noqa: E402
+
+FIXED_PLOTS = ("comparison.png", "confusion.png", "reliability.png", "diversity.png",
+               "ensemble_size.png")
+
+
+@pytest.fixture(scope="module")
+def small_report(tmp_path_factory):
+    """(run folder, index.html) of the default synthetic run, written once for this module
+    through the command line entry point (whose printed path is checked here too)."""
+    run = make_run(tmp_path_factory.mktemp("runs"))
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main([str(run)]) == 0
+    index = run / "report" / "index.html"
+    assert out.getvalue() == f"{index}\n"
+    return run, index
+
+
+def _expected_pngs(run: Path) -> list:
+    aliases = json.loads((run / "metrics.json").read_text())["member_names"]
+    return list(FIXED_PLOTS) + [f"curves_{a}.png" for a in aliases]
+
+
+def _data_uris(index: Path) -> dict:
+    """alt text -> decoded PNG bytes of every <img> in the page."""
+    page = index.read_text()
+    pairs = re.findall(r'<img alt="([^"]+)" src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
+    return {alt: base64.b64decode(b64) for alt, b64 in pairs}
+
+
+# ----------------------------------------------------------------------------- files and page
+
+def test_every_png_exists_and_decodes(small_report):
+    run, index = small_report
+    for name in _expected_pngs(run):
+        path = index.parent / name
+        assert path.stat().st_size > 10_000, f"{name} is suspiciously small"
+        with Image.open(path) as img:
+            img.verify()
+        with Image.open(path) as img:
+            assert img.format == "PNG" and img.width >= 600 and img.height >= 400, (name, img.size)
+            colors = img.convert("L").getextrema()
+            assert colors[1] - colors[0] > 100, f"{name} looks blank"
+
+
+def test_html_is_self_contained_and_complete(small_report):
+    run, index = small_report
+    page = index.read_text()
+    uris = _data_uris(index)
+    assert sorted(uris) == sorted(_expected_pngs(run))
+    for name, data in uris.items():
+        assert data == (index.parent / name).read_bytes(), f"{name}: embedded bytes differ"
+    assert page.count("<img") == len(uris)
+    assert not re.search(r'(src|href)="(?!data:)', page), "the page must not load anything"
+    assert "http://" not in page and "https://" not in page
+    metrics = json.loads((run / "metrics.json").read_text())
+    table = page[page.index("<table>"):page.index("</table>")]
+    for name in list(metrics["members"]) + list(metrics["combiners"]):
+        assert f"<td>{name}</td>" in table, f"{name} missing from the metrics table"
+    assert "&lt;escaped &amp; shown&gt;" in page          # the recipe is escaped in <pre>
+    assert "<pre>" in page and "synthetic_run" in page
+
+
+# ----------------------------------------------------------------------------- numbers drawn
+
+def test_oof_matrix_follows_the_layout(tmp_path):
+    run = make_run(tmp_path, members="snapshots", snapshots=3)
+    loaded = load_run(run)
+    assert loaded.member_names[:3] == ["snap_resnet18@s1", "snap_resnet18@s2", "snap_resnet18@s3"]
+    folds = np.load(run / "folds.npy")
+    rows = np.flatnonzero(folds == 1)
+    fold_file = np.load(run / "members" / "snap_resnet18" / "fold1" / "oof_logits.npy")
+    np.testing.assert_array_equal(loaded.oof_logits[0, rows], fold_file[0])
+    np.testing.assert_array_equal(loaded.oof_logits[2, rows], fold_file[-1])
+    # the stored member metrics were computed from the same rows
+    metrics = json.loads((run / "metrics.json").read_text())
+    acc = (loaded.oof_logits.argmax(-1) == loaded.y).mean(axis=1)
+    stored = [metrics["members"][n]["oof"]["accuracy"] for n in loaded.member_names]
+    np.testing.assert_allclose(acc, stored)
+
+
+def test_size_curve_and_disagreement_match_direct_computation():
+    rng = np.random.default_rng(1)
+    logits, y = rng.normal(size=(3, 50, 4)), rng.integers(0, 4, 50)
+    order = [2, 0, 2]
+    want = [(softmax(logits[order[:n]]).mean(0).argmax(-1) == y).mean() for n in (1, 2, 3)]
+    np.testing.assert_allclose(report.size_curve(logits, y, order), want)
+    d = report.disagreement(logits)
+    assert d.shape == (3, 3) and np.all(np.diag(d) == 0) and np.allclose(d, d.T)
+    assert d[0, 1] == (logits[0].argmax(-1) != logits[1].argmax(-1)).mean()
+
+
+def _suptitle(fig) -> str:
+    return fig.get_suptitle()
+
+
+def test_fallbacks_are_drawn_and_said(tmp_path):
+    run = make_run(tmp_path, with_test=False, with_reliability=False)
+    (run / "combiners" / "weighted.json").unlink()
+    loaded = load_run(run)
+    assert loaded.order is None
+    assert "OOF accuracy" in report.ensemble_size_figure(loaded).axes[0].get_title()
+    assert "no greedy selection order" in report.ensemble_size_figure(loaded).axes[0].get_title()
+    assert "OOF split" in report.confusion_figure(loaded.metrics).axes[0].get_title()
+    rel = report.reliability_figure(loaded)
+    assert "not drawn" in _suptitle(rel) and loaded.metrics["best"] in _suptitle(rel)
+    labels = rel.axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith("best member") for label in labels)
+
+
+@pytest.mark.parametrize("state, order, size", [
+    ({"order_": [1, 1, 0], "scores_": [0.5, 0.4, 0.45], "best_size_": 2}, [1, 1, 0], 2),
+    ({"order": [2, 0]}, [2, 0], None),                    # the plain key also works
+    ({"order_": [0, 7]}, None, None),                     # index out of range: ignored
+    ({"order_": [0, 1], "best_size_": 5}, [0, 1], None),  # impossible prefix: not drawn
+    ({}, None, None),                                     # e.g. method = "logloss"
+])
+def test_greedy_order_is_read_from_weighted_json(tmp_path, state, order, size):
+    run = make_run(tmp_path)
+    doc = {"format": 1, "class": "weighted", "params": {"method": "greedy"}, "state": state}
+    (run / "combiners" / "weighted.json").write_text(json.dumps(doc))
+    loaded = load_run(run)
+    assert (loaded.order, loaded.best_size) == (order, size)
+    title = report.ensemble_size_figure(loaded).axes[0].get_title()
+    assert ("greedy-selection order" in title) == (order is not None)
+
+
+def test_reliability_draws_best_member_combiner_and_ts_variants(small_report):
+    run, _ = small_report
+    loaded = load_run(run)
+    labels = report.reliability_figure(loaded).axes[0].get_legend_handles_labels()[1]
+    ts = [n for n in loaded.metrics["combiners"] if n.endswith("+ts")]
+    assert ts and all(any(n in label for label in labels) for n in ts)
+    assert any(label.startswith(f"best combiner: {loaded.metrics['best']}") for label in labels)
+
+
+# ----------------------------------------------------------------------------- legibility
+
+def _text_problems(fig) -> list:
+    """Tick labels that overlap a neighbour, and texts that stick out of the figure."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    problems = []
+    for ax in fig.axes:
+        for axis in (ax.xaxis, ax.yaxis):
+            problems += _overlapping(_tick_labels(axis), renderer, fig.dpi)
+    box = fig.bbox.padded(1)
+    for text in _labelling_texts(fig):
+        ext = text.get_window_extent(renderer)
+        if not (box.x0 <= ext.x0 and ext.x1 <= box.x1 and box.y0 <= ext.y0 and ext.y1 <= box.y1):
+            problems.append(f"outside the figure: {text.get_text()[:40]!r}")
+    return problems
+
+
+def _labelling_texts(fig) -> list:
+    """Suptitle, legends, titles, axis and tick labels (not the in-cell annotations)."""
+    texts = [fig._suptitle] if fig._suptitle else []
+    for legend in fig.legends:
+        texts += legend.get_texts()
+    for ax in fig.axes:
+        texts += _axis_texts(ax)
+        texts += ax.get_legend().get_texts() if ax.get_legend() else []
+    return [t for t in texts if t.get_visible() and t.get_text().strip()]
+
+
+def _axis_texts(ax) -> list:
+    return [ax.title, ax.xaxis.label, ax.yaxis.label, *_tick_labels(ax.xaxis), *_tick_labels(ax.yaxis)]
+
+
+def _tick_labels(axis) -> list:
+    """Visible, non-empty tick labels inside the axis' view interval (the ones actually drawn)."""
+    lo, hi = sorted(axis.get_view_interval())
+    at = 0 if axis.axis_name == "x" else 1
+    pad = 1e-9 * max(hi - lo, 1)
+    return [t for t in axis.get_ticklabels()
+            if t.get_visible() and t.get_text() and lo - pad <= t.get_position()[at] <= hi + pad]
+
+
+def _overlapping(labels: list, renderer, dpi: float) -> list:
+    """Neighbouring tick labels whose ink overlaps; for slanted labels (e.g. 45 degrees) the gap
+    between their parallel strips must exceed the text height."""
+    out = []
+    for a, b in zip(labels, labels[1:]):
+        rot = a.get_rotation() % 180
+        if rot in (0.0, 90.0):
+            if a.get_window_extent(renderer).overlaps(b.get_window_extent(renderer)):
+                out.append(f"overlap: {a.get_text()!r} / {b.get_text()!r}")
+        else:
+            pa, pb = (np.array(t.get_transform().transform(t.get_position())) for t in (a, b))
+            gap = np.abs(pa - pb).max() * np.sin(np.radians(rot))
+            if gap < a.get_fontsize() * dpi / 72:
+                out.append(f"slanted overlap: {a.get_text()!r} / {b.get_text()!r}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def twenty(tmp_path_factory):
+    return load_run(make_run(tmp_path_factory.mktemp("twenty"), n_members=20, n_classes=10,
+                             n_rows=400, folds=3))
+
+
+@pytest.mark.parametrize("build", ["comparison", "confusion", "reliability", "diversity",
+                                   "ensemble_size", "curves"])
+def test_twenty_members_labels_do_not_overlap(twenty, build):
+    if build in ("comparison", "confusion"):
+        fig = getattr(report, f"{build}_figure")(twenty.metrics)
+    elif build == "curves":
+        alias = "vit_tiny_patch16_224_v2"
+        fig = report.curves_figure(alias, twenty.histories[alias], twenty.snapshot_epochs[alias])
+    else:
+        fig = getattr(report, f"{build}_figure")(twenty)
+    assert _text_problems(fig) == []
+    for ax in fig.axes:
+        for t in ax.get_xticklabels() + ax.get_yticklabels():
+            assert len(t.get_text()) <= report.MAX_LABEL + len("20: ") + 2, t.get_text()
+
+
+def test_overlap_check_can_fail():
+    fig = report._figure(3, 3)
+    ax = fig.subplots()
+    ax.set_xticks(range(20), labels=[f"a_rather_long_label_{i}" for i in range(20)])
+    assert any(p.startswith("overlap") for p in _text_problems(fig))
+
+
+def test_figures_grow_with_members(small_report, twenty):
+    small = load_run(small_report[0])
+    for build in (report.comparison_figure, ):
+        assert build(twenty.metrics).get_figheight() > build(small.metrics).get_figheight() * 2
+    heights = [report.diversity_figure(run).get_figheight() for run in (small, twenty)]
+    assert heights[1] > heights[0]
+
+
+def test_twenty_members_still_render(tmp_path):
+    """20 members (19 snapshots of one backbone + 1 other) through the whole report, --out."""
+    run = make_run(tmp_path, n_members=2, snapshots=19, members="snapshots", n_rows=300)
+    assert len(load_run(run).member_names) == 20
+    assert main([str(run), "--out", str(tmp_path / "out")]) == 0
+    index = tmp_path / "out" / "index.html"
+    assert sorted(_data_uris(index)) == sorted(
+        list(FIXED_PLOTS) + ["curves_snap_resnet18.png", "curves_convnext_nano.png"])
+    assert not (run / "report").exists()
+
+
+# ----------------------------------------------------------------------------- errors and CLI
+
+@pytest.mark.parametrize("missing", [
+    "metrics.json", "labels.npy", "folds.npy", "recipe.toml",
+    "members/convnext_nano/fold1/oof_logits.npy", "members/snap_resnet18/fold2/history.json",
+])
+def test_missing_file_is_named(tmp_path, missing):
+    run = make_run(tmp_path)
+    (run / missing).unlink()
+    with pytest.raises(ReportError, match=re.escape(missing)):
+        write_report(run)
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda run: np.save(run / "members/convnext_nano/fold0/oof_logits.npy", np.zeros((1, 5, 4))),
+     r"has shape \(1, 5, 4\); expected \(S, \d+, 4\)"),
+    (lambda run: (run / "metrics.json").write_text("{}"), "no 'member_names' key"),
+    (lambda run: (run / "metrics.json").write_text("{not json"), "not valid JSON"),
+    (lambda run: np.save(run / "folds.npy", np.zeros(3, dtype=np.int64)),
+     r"must be \(N,\) of equal length"),
+    (lambda run: shutil.rmtree(run), "does not exist"),
+])
+def test_inconsistent_run_is_explained(tmp_path, damage, message):
+    run = make_run(tmp_path)
+    damage(run)
+    with pytest.raises(ReportError, match=message):
+        load_run(run)
+
+
+def test_main_reports_a_missing_file_on_one_line(tmp_path, capsys):
+    run = make_run(tmp_path)
+    (run / "members" / "convnext_nano" / "fold0" / "oof_logits.npy").unlink()
+    assert main([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "oof_logits.npy" in err and err.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- headless browser
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHECK_SCRIPT = """<script>window.addEventListener("load", () => {
+  const imgs = Array.from(document.images);
+  const ok = imgs.filter(i => i.complete && i.naturalWidth > 0).length;
+  const d = document.createElement("div");
+  d.id = "img-check"; d.dataset.total = imgs.length; d.dataset.loaded = ok;
+  document.body.appendChild(d);
+});</script></body>"""
+
+
+def _chromium(tmp_path: Path, page: Path, *args: str) -> str:
+    cmd = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", *args,
+           page.as_uri()]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _loaded_images(tmp_path: Path, page_text: str) -> tuple[int, int]:
+    page = tmp_path / "check.html"
+    page.write_text(page_text.replace("</body>", CHECK_SCRIPT))
+    dom = _chromium(tmp_path, page, "--dump-dom")
+    found = re.search(r'id="img-check" data-total="(\d+)" data-loaded="(\d+)"', dom)
+    assert found, f"the check script did not run; DOM tail: {dom[-500:]!r}"
+    return int(found.group(1)), int(found.group(2))
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed "
+                    "(apt-get install -y chromium) - headless rendering check skipped")
+def test_page_renders_in_headless_chromium(small_report, tmp_path):
+    run, index = small_report
+    page_text = index.read_text()
+    total, loaded = _loaded_images(tmp_path, page_text)
+    assert total == len(_expected_pngs(run)) and loaded == total
+    # the check can fail: a corrupted data URI does not load
+    broken = page_text.replace("data:image/png;base64,iVBOR", "data:image/png;base64,AAAA", 1)
+    assert _loaded_images(tmp_path, broken) == (total, total - 1)
+    shot = tmp_path / "shot.png"
+    _chromium(tmp_path, index, f"--screenshot={shot}", "--window-size=1280,2000")
+    with Image.open(shot) as img:
+        img.verify()
+    with Image.open(shot) as img:
+        assert img.size == (1280, 2000)
+        assert img.convert("L").getextrema()[0] < 100, "the screenshot is blank"
