@@ -120,6 +120,7 @@ def train_members(recipe: Recipe, dataset, run_dir: Path, args: argparse.Namespa
     folds = store.read_npy(run_dir / "folds.npy")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
+    recipe_mod.check_backbone_names(recipe, {j.alias for j in pending})
     print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
     data = jobs_mod.SharedData(
         x=dataset.train.x.numpy(),

@@ -349,16 +349,33 @@ def dumps(recipe: Recipe) -> str:
     return "\n".join(lines)
 
 
+def check_backbone_names(recipe: Recipe, aliases: typing.Collection[str] | None = None) -> None:
+    """Check that backbones (all, or those in ``aliases``) name real timm/torchvision models.
+
+    Separate from :func:`check_names` because listing timm's models imports it (seconds):
+    ``fit`` checks only the backbones it is about to train.
+    """
+    from . import backbones
+
+    for i, b in enumerate(recipe.backbones):
+        if aliases is not None and b.alias not in aliases:
+            continue
+        try:
+            backbones.check_name(b.name)
+        except backbones.BackboneError as exc:
+            raise recipe.error(f"backbones[{i}].name", str(exc)) from None
+
+
 def check_names(recipe: Recipe) -> None:
-    """Check names that live in registries: backbones, augmentations, combiners, meta-learners."""
+    """Check names that live in cheap registries: augmentations and combiners."""
     from . import augment, backbones, combiners
 
     where = Path(recipe.source_file).name or "recipe"
     for i, b in enumerate(recipe.backbones):
         try:
-            backbones.check_name(b.name)
+            backbones.split_name(b.name)
         except backbones.BackboneError as exc:
-            raise RecipeError(f"{where}: backbones[{i}].name {exc}") from None
+            raise recipe.error(f"backbones[{i}].name", str(exc)) from None
         for j, name in enumerate(b.train.augment):
             if name not in augment.AUGMENTATIONS:
                 raise RecipeError(

@@ -23,7 +23,7 @@ BAD_OVERRIDES = [
     (["data.source='folder'", "data.path='no/such/dir'"], "data.path does not exist: 'no/such/dir'"),
     (["data.source='folder'"], "data.path is required when data.source = 'folder'"),
     (["cv.folds=1"], "cv.folds must be >= 2, got 1"),
-    (["data.per_class=3"], "cv.folds = 5 needs at least that many training images per class, but class '0' has 2"),
+    (["data.per_class=3", "data.test_fraction=0.0"], "cv.folds = 5 needs at least that many training images per class, but class '0' has 3"),
     (["backbones.0.name='timm:resnet181'"], "backbones[0].name names no timm model: 'timm:resnet181'; close matches"),
     (["backbones.0.name='resnet18'"], "backbones[0].name must be timm:<model> | torchvision:<model>"),
     (["backbones.1.lr=0"], "backbones[1].lr must be > 0, got 0"),
@@ -79,7 +79,7 @@ def test_overrides_and_backbone_inheritance():
     assert r.backbones[0].train.lr == 0.2
     assert r.backbones[1].train.optimizer == "adamw"  # its own override survives
     assert r.backbones[0].alias == "test_resnet"
-    assert r.backbones[2].alias == "test_vit_snapshots"
+    assert r.backbones[2].alias == "test_byobnet_snap"
 
 
 def test_resolved_recipe_round_trips(tmp_path):

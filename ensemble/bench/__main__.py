@@ -1,0 +1,6 @@
+"""Entry point of ``python -m ensemble.bench <name> [args]`` (see ``ensemble.bench``)."""
+
+from ensemble.bench import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())

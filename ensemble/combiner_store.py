@@ -1,0 +1,121 @@
+"""Save and load fitted combiners as ``<name>.json`` + ``<name>.npz``; never pickle.
+
+``<name>.json`` holds ``{"format": 1, "class": <combiner name>, "params": {...},
+"state": {...}}`` and ``<name>.npz`` the arrays of ``Combiner.get_state()``. Both files are
+written atomically (temporary file in the same directory, then ``os.replace``), the npz
+first, so a readable json always has its arrays beside it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ensemble.combiners import Combiner, restore_combiner
+
+FORMAT = 1
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+@-]+$")
+
+
+class CombinerStateError(ValueError):
+    """A saved combiner cannot be read back; the message names the file and the problem."""
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or not _SAFE_NAME.match(name) or name.startswith("."):
+        raise ValueError(
+            f"combiner file name must be letters, digits and _ . + @ - (no path separators); "
+            f"got {name!r}"
+        )
+    return name
+
+
+def _atomic_write(path: Path, write: Callable) -> None:
+    """Call ``write(binary_file)`` on a temp file next to ``path``, then rename onto it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_combiner(
+    combiner: Combiner, directory: str | os.PathLike, name: str | None = None
+) -> Path:
+    """Write a fitted ``combiner`` to ``directory/<name>.json`` and ``.npz``.
+
+    ``name`` defaults to ``combiner.name``. Returns the json path.
+    """
+    name = _check_name(combiner.name if name is None else name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    state, arrays = combiner.get_state()
+    arrays = {k: np.asarray(v) for k, v in arrays.items()}
+    for key, arr in arrays.items():
+        if arr.dtype.hasobject:
+            raise ValueError(
+                f"{combiner.name}: array {key!r} has object dtype; it would need pickle"
+            )
+    doc = {"format": FORMAT, "class": combiner.name, **state}
+    text = json.dumps(doc, indent=1, allow_nan=False)  # fails early if not JSON-able
+    _atomic_write(directory / f"{name}.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
+    _atomic_write(directory / f"{name}.json", lambda f: f.write(text.encode("utf-8")))
+    return directory / f"{name}.json"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CombinerStateError(f"{path}: file not found; was the combiner saved?") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CombinerStateError(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise CombinerStateError(f"{path}: expected a JSON object, got {type(doc).__name__}")
+    missing = [k for k in ("class", "params", "state") if k not in doc]
+    if missing:
+        raise CombinerStateError(f"{path}: missing key(s) {missing}")
+    if not isinstance(doc["class"], str):
+        raise CombinerStateError(f"{path}: 'class' must be a combiner name, got {doc['class']!r}")
+    if doc.get("format", FORMAT) != FORMAT:
+        raise CombinerStateError(f"{path}: format {doc.get('format')!r}, this code reads {FORMAT}")
+    return doc
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            return {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise CombinerStateError(f"{path}: file not found (it is saved beside the .json)") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CombinerStateError(f"{path}: not a readable pickle-free .npz ({exc})") from None
+
+
+def load_combiner(directory: str | os.PathLike, name: str) -> Combiner:
+    """Load ``directory/<name>.json`` + ``.npz`` into a fitted combiner.
+
+    Raises CombinerStateError (a ValueError) naming the file and what is wrong.
+    """
+    directory = Path(directory)
+    json_path = directory / f"{_check_name(name)}.json"
+    doc = _read_json(json_path)
+    arrays = _read_npz(directory / f"{name}.npz")
+    try:
+        return restore_combiner(
+            doc["class"], {"params": doc["params"], "state": doc["state"]}, arrays
+        )
+    except (ValueError, TypeError, KeyError) as exc:
+        raise CombinerStateError(f"{json_path}: {exc}") from None
