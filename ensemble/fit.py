@@ -7,7 +7,6 @@ kill or a changed ``[ensemble]`` section) trains only what is missing.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import sys
 import time
@@ -93,29 +92,6 @@ def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -
     store.write_npy(run_dir / "folds.npy", folds)
 
 
-@contextlib.contextmanager
-def cluster(args: argparse.Namespace):
-    """Connect joblib to a Dask or Ray cluster for the duration of the block."""
-    if args.backend == "dask":
-        from dask.distributed import Client
-
-        with Client(args.scheduler) if args.scheduler else Client(processes=True) as client:
-            print(f"dask: {client.dashboard_link}", file=sys.stderr)
-            yield
-    elif args.backend == "ray":
-        import ray
-        from ray.util.joblib import register_ray
-
-        register_ray()
-        ray.init(address=args.address, ignore_reinit_error=True)
-        try:
-            yield
-        finally:
-            ray.shutdown()
-    else:
-        yield
-
-
 def train_members(recipe: Recipe, dataset, run_dir: Path, args: argparse.Namespace) -> None:
     folds = store.read_npy(run_dir / "folds.npy")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
@@ -131,7 +107,7 @@ def train_members(recipe: Recipe, dataset, run_dir: Path, args: argparse.Namespa
         std=tuple(dataset.std),
         n_classes=len(dataset.train.classes),
     )
-    with cluster(args):
+    with jobs_mod.cluster(args.backend, args.scheduler, args.address):
         for i, s in enumerate(jobs_mod.run_all(pending, data, run_dir, args.jobs, args.backend, not args.quiet), 1):
             print(f"[{i}/{len(pending)}] {s['alias']} fold{s['fold']}: held-out acc {s['val_acc']:.4f}, "
                   f"{s['seconds']:.1f} s on {s['device']}", flush=True)

@@ -8,9 +8,11 @@ joblib: local processes, or its Dask/Ray backends on a cluster.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import platform
+import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -171,3 +173,26 @@ def run_all(
         for i, job in enumerate(jobs)
     )
     yield from Parallel(n_jobs=n_jobs, backend=backend, return_as="generator_unordered")(calls)
+
+
+@contextlib.contextmanager
+def cluster(backend: str = "loky", scheduler: str | None = None, address: str | None = None):
+    """Connect joblib to a Dask or Ray cluster for the duration of the block."""
+    if backend == "dask":
+        from dask.distributed import Client
+
+        with Client(scheduler) if scheduler else Client(processes=True) as client:
+            print(f"dask: {client.dashboard_link}", file=sys.stderr)
+            yield
+    elif backend == "ray":
+        import ray
+        from ray.util.joblib import register_ray
+
+        register_ray()
+        ray.init(address=address, ignore_reinit_error=True)
+        try:
+            yield
+        finally:
+            ray.shutdown()
+    else:
+        yield
