@@ -17,7 +17,6 @@ from PIL import Image
 from ensemble import data
 from ensemble.data import DataError, Dataset, Images, load_dataset, read_images, resize
 
-CIFAR_ARCHIVE = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "cifar10" / "train.tar.gz"
 CLASSES = ("cat", "dog", "emu")
 
 
@@ -297,15 +296,10 @@ def test_bad_inputs_raise_data_error(tmp_path, setup, fragment):
 # --------------------------------------------------------------------------- real CIFAR-10
 
 
-def test_cifar10_archive_slice(tmp_path):
-    if not CIFAR_ARCHIVE.is_file():
-        pytest.skip(f"the shared CIFAR-10 archive is not at {CIFAR_ARCHIVE}")
-    ds = load(tmp_path / "cache", source="folder", path=str(CIFAR_ARCHIVE), per_class=20, image_size=32)
-    try:
-        assert ds.train.classes == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
-                                    "ship", "truck")
-        assert ds.train.x.shape == (200, 3, 32, 32) and ds.test is None
-        assert torch.bincount(ds.train.y).tolist() == [20] * 10
-        assert all(0.3 < m < 0.6 for m in ds.mean) and all(0.15 < s < 0.35 for s in ds.std)
-    finally:
-        shutil.rmtree(tmp_path / "cache")  # 150 MB of decoded arrays
+def test_cifar10_archive_slice(cifar_archive, session_cache):
+    ds = load(session_cache, source="folder", path=str(cifar_archive), per_class=20, image_size=32)
+    assert ds.train.classes == ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                "ship", "truck")
+    assert ds.train.x.shape == (200, 3, 32, 32) and ds.test is None
+    assert torch.bincount(ds.train.y).tolist() == [20] * 10
+    assert all(0.3 < m < 0.6 for m in ds.mean) and all(0.15 < s < 0.35 for s in ds.std)

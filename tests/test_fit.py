@@ -1,0 +1,171 @@
+"""End-to-end `fit` on tiny real data: OOF coverage, cache reuse, kill-and-resume, honest chance scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ensemble import data as data_mod
+from ensemble import fit, store
+
+TINY = """
+name = "tiny"
+seed = 0
+[data]
+source = "digits"
+per_class = 40
+test_fraction = 0.25
+image_size = 8
+[cv]
+folds = 3
+[train]
+epochs = 2
+batch_size = 32
+lr = 0.05
+augment = ["crop"]
+[[backbones]]
+name = "timm:test_resnet"
+[[backbones]]
+name = "timm:test_efficientnet"
+optimizer = "adamw"
+lr = 0.01
+[ensemble]
+combiners = ["vote", "mean", "weighted", "stacking"]
+"""
+
+
+@pytest.fixture
+def tiny_recipe(tmp_path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+def fit_args(recipe: Path, out: Path, cache: Path, *extra: str) -> list[str]:
+    return [str(recipe), "--out", str(out), "--cache", str(cache), "--quiet", "--no-report", *extra]
+
+
+def job_pids(run: Path) -> dict[str, int]:
+    """Which process wrote each finished job (tells a reused job from a retrained one)."""
+    return {
+        str(p.parent.relative_to(run)): json.loads(p.read_text())["pid"]
+        for p in sorted(run.glob("members/*/fold*/meta.json"))
+        if (p.parent / "done.json").exists()
+    }
+
+
+def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session_cache, capsys):
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
+    folds, y = np.load(run / "folds.npy"), np.load(run / "labels.npy")
+    assert sorted(np.bincount(folds)) == [100, 100, 100] and len(y) == 300
+    for alias in ("test_resnet", "test_efficientnet"):
+        covered = np.zeros(len(y), dtype=int)
+        for k in range(3):
+            d = run / "members" / alias / f"fold{k}"
+            oof = np.load(d / "oof_logits.npy")
+            assert oof.shape == (1, (folds == k).sum(), 10) and np.isfinite(oof).all()
+            assert np.load(d / "test_logits.npy").shape == (1, 100, 10)
+            covered[folds == k] += 1
+            history = json.loads((d / "history.json").read_text())
+            assert [e["epoch"] for e in history["epochs"]] == [1, 2]
+            assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(history["epochs"][0])
+            assert (d / "weights.safetensors").stat().st_size > 1000 and (d / "done.json").exists()
+        assert (covered == 1).all()  # every training row has OOF logits from exactly one fold model
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert set(metrics["combiners"]) == {"vote", "mean", "weighted", "stacking"}
+    assert all({"oof", "test"} == set(m) for m in metrics["combiners"].values())
+    resolved = (run / "recipe.toml").read_text()
+    assert 'name = "timm:test_efficientnet"' in resolved and "epochs = 2" in resolved
+
+    # A rerun trains nothing; a changed backbone setting retrains that backbone only.
+    before = job_pids(run)
+    capsys.readouterr()
+    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
+    assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
+    assert job_pids(run) == before
+    assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", "backbones.1.lr=0.02")) == 0
+    assert "6 jobs, 3 cached, 3 to train" in capsys.readouterr().out
+
+    # A changed [ensemble] section refits combiners only.
+    assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", "backbones.1.lr=0.02",
+                             "--set", "ensemble.combiners=['mean']")) == 0
+    assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
+    assert set(json.loads((run / "metrics.json").read_text())["combiners"]) == {"mean"}
+
+
+def test_shuffled_labels_score_at_chance(tiny_recipe, tmp_path, session_cache, monkeypatch):
+    """Nothing learnable: every member and combiner must sit at chance (1/10) on OOF rows."""
+    real = data_mod.load_dataset
+
+    def shuffled(*args, **kwargs):
+        ds = real(*args, **kwargs)
+        rng = np.random.default_rng(1)
+        perm = lambda im: data_mod.Images(im.x, im.y[rng.permutation(len(im.y))], im.classes)  # noqa: E731
+        return data_mod.Dataset(perm(ds.train), perm(ds.test), ds.fingerprint + "-shuffled", ds.mean, ds.std)
+
+    monkeypatch.setattr(data_mod, "load_dataset", shuffled)
+    run = tmp_path / "run"
+    args = fit_args(tiny_recipe, run, session_cache, "--set", "data.per_class=0", "--set", "data.test_fraction=0.2",
+                    "--set", "ensemble.combiners=['vote','mean','weighted','stacking']")
+    assert fit.main(args) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    scores = {f"{kind}:{name}": entry["oof"]["accuracy"]
+              for kind in ("members", "combiners") for name, entry in metrics[kind].items()}
+    assert len(scores) == 6
+    far = {k: v for k, v in scores.items() if abs(v - 0.1) > 0.03}
+    assert not far, f"not at chance: {far}"
+
+
+def _fit_process(recipe: Path, out: Path, cache: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="2")
+    cmd = [sys.executable, "-m", "ensemble.fit", *fit_args(recipe, out, cache)]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_then_resume_equals_uninterrupted_run(tiny_recipe, tmp_path, session_cache):
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _fit_process(tiny_recipe, straight, session_cache).wait(timeout=600) == 0
+
+    proc = _fit_process(tiny_recipe, killed, session_cache)
+    deadline = time.monotonic() + 300
+    while not len(job_pids(killed)) >= 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    finished = job_pids(killed)
+    assert 2 <= len(finished) < 6, "the kill should land mid-run"
+
+    resumed = _fit_process(tiny_recipe, killed, session_cache)
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert f"6 jobs, {len(finished)} cached, {6 - len(finished)} to train" in out
+    after = job_pids(killed)
+    assert {k: after[k] for k in finished} == finished  # finished jobs were not trained again
+    assert len(after) == 6
+    for path in sorted(straight.glob("members/*/fold*/*_logits.npy")):
+        assert np.load(path).tobytes() == np.load(killed / path.relative_to(straight)).tobytes(), path
+
+
+def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, session_cache):
+    run = tmp_path / "cifar"
+    args = [
+        str(tiny_recipe), "--out", str(run), "--cache", str(session_cache), "--quiet", "--no-report",
+        "--set", "data.source='folder'", "--set", f"data.path='{cifar_archive}'", "--set", "data.per_class=20",
+        "--set", "data.image_size=32", "--set", "data.test_fraction=0.0", "--set", "backbones=[{name='timm:test_resnet'}]",
+        "--set", "train.epochs=1", "--set", "train.augment=['flip','crop']", "--set", "cv.folds=2",
+    ]
+    assert fit.main(args) == 0
+    info = json.loads((run / "data.json").read_text())
+    assert info["classes"][:3] == ["airplane", "automobile", "bird"] and info["n_train"] == 200
+    assert info["channels"] == 3 and info["image_size"] == 32
+    assert store.load_logits(run, ["test_resnet"]).oof.shape == (1, 200, 10)
+
