@@ -561,6 +561,17 @@ def read_images(path: str | Path, image_size: int, channels: int | None = None,
     return _to_channels(x, channels), names
 
 
+def decode_images(blobs: list[bytes], names: list[str], image_size: int, channels: int | None = None) -> torch.Tensor:
+    """Encoded images to uint8 (N, C, image_size, image_size), decoded and resized as training data is.
+
+    `channels` (1 or 3) converts as :func:`read_images` does. Raises DataError naming the first
+    image that cannot be decoded (predict then decodes that batch one by one to report each file).
+    """
+    if not blobs:
+        raise ValueError("decode_images needs at least one image")
+    return _to_channels(_decode_blobs(blobs, names, image_size, progress=False), channels)
+
+
 def _read_archive_members(path: Path) -> tuple[list[str], list[bytes]]:
     found = []
     try:

@@ -1,0 +1,684 @@
+"""``python -m ensemble.predict RUN INPUT...``: apply a finished run to new images.
+
+Every fold model of each member predicts; the fold logits are averaged (k-fold
+bagging, as ``fit`` did for the test set); the fitted combiner (default: the best
+by nested OOF accuracy) turns member logits into class probabilities. Labels come
+from ImageFolder trees whose class folders are the run's classes; with labels, the
+metrics of ``fit`` are printed and saved beside the CSV.
+
+Loading a run never unpickles anything: the recipe is TOML, data info and combiner
+state are JSON/NPZ (``allow_pickle=False``), weights are safetensors. Other files in
+the run folder are never opened. Exit status: 0 all fine, 1 some inputs failed,
+2 usage or run errors.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import os
+import sys
+import tarfile
+import time
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+from tqdm.auto import tqdm
+
+from . import backbones, store
+from . import combiners as comb
+from .combiner_store import CombinerStateError, load_combiner
+from .data import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images
+from .evaluate import SCALARS, split_metrics
+from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
+from .store import RunError
+from .train import infer, resolve_device
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Formats that can run code when loaded; a run never needs them, so they are never opened.
+UNSAFE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin", ".dill")
+_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """How the run's images were prepared (data.json): C_img channels, S x S pixels."""
+
+    classes: tuple[str, ...]
+    channels: int
+    image_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run folder, read without unpickling: recipe, data info, fitted-combiner index."""
+
+    dir: Path
+    recipe: Recipe
+    data: DataInfo
+    combiners: dict | None  # index.json "combiners" ({name: {"file", "members"}}); None if not fitted
+    best: str | None
+    unsafe: tuple[Path, ...]  # pickle-like files found in the folder (never opened)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One ensemble member: a backbone and the weights file of each fold folder."""
+
+    name: str
+    backbone: BackboneConfig
+    weights: str  # file name in members/<alias>/fold<k>/
+
+
+def fit_command(run_dir: Path) -> str:
+    return f"python -m ensemble.fit {run_dir / 'recipe.toml'} --out {run_dir}"
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read ``recipe.toml``, ``data.json`` and ``combiners/index.json`` (if fitted) of a run."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "recipe.toml").is_file():
+        raise RunError(
+            f"{run_dir}: not a run folder (no recipe.toml); give the folder `python -m ensemble.fit` "
+            "wrote, e.g. outputs/<recipe name>"
+        )
+    recipe = _read_recipe(run_dir / "recipe.toml")
+    data = _read_data_info(run_dir / "data.json")
+    index_path = run_dir / "combiners" / "index.json"
+    combiners, best = (None, None)
+    if index_path.is_file():
+        combiners, best = _read_index(index_path)
+    return Run(run_dir, recipe, data, combiners, best, _unsafe_files(run_dir))
+
+
+def _read_recipe(path: Path) -> Recipe:
+    """The run's recipe; its [data] section is ignored (predict reads data.json, and the
+    recipe's data paths may not exist on this machine)."""
+    try:
+        table = tomllib.loads(path.read_text())
+        table["data"] = {}
+        recipe = from_dict(table, str(path))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise RunError(f"{path}: not a readable TOML recipe ({exc})") from None
+    except RecipeError as exc:
+        raise RunError(str(exc)) from None
+    for i, b in enumerate(recipe.backbones):
+        try:
+            backbones.split_name(b.name)
+        except backbones.BackboneError as exc:
+            raise RunError(f"{path}: backbones[{i}].name {exc}") from None
+    return recipe
+
+
+def _read_data_info(path: Path) -> DataInfo:
+    d = store.read_json(path)
+    try:
+        info = DataInfo(
+            classes=tuple(str(c) for c in d["classes"]),
+            channels=int(d["channels"]),
+            image_size=int(d["image_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise RunError(f"{path}: expected classes, channels, image_size, mean and std; got a bad entry ({exc!r})") \
+            from None
+    ok = (len(info.classes) >= 2 and info.channels in (1, 3) and 1 <= info.image_size <= 4096
+          and len(info.mean) == len(info.std) == info.channels and all(s > 0 for s in info.std))
+    if not ok:
+        raise RunError(
+            f"{path}: expected >= 2 classes, channels 1 or 3, mean and std with one positive value per "
+            f"channel; got {len(info.classes)} classes, channels {info.channels}, mean {info.mean}, std {info.std}"
+        )
+    return info
+
+
+def _read_index(path: Path) -> tuple[dict, str | None]:
+    doc = store.read_json(path)
+    entries = doc.get("combiners") if isinstance(doc, dict) else None
+    good = isinstance(entries, dict) and all(
+        isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("members"), list)
+        and all(isinstance(m, str) for m in e["members"]) for e in entries.values()
+    )
+    best = doc.get("best") if isinstance(doc, dict) else None
+    if not good or (best is not None and best not in entries):
+        raise RunError(
+            f"{path}: expected {{\"best\": name, \"combiners\": {{name: {{\"file\": str, \"members\": [str]}}}}}}; "
+            "the file is damaged: re-run fit on this run to rewrite it"
+        )
+    return entries, best
+
+
+def _unsafe_files(run_dir: Path) -> tuple[Path, ...]:
+    """Files whose names say pickle or torch checkpoint: listed by name, never opened."""
+    found = []
+    for here, _, names in os.walk(run_dir):
+        found += [Path(here) / n for n in names if n.lower().endswith(UNSAFE_SUFFIXES)]
+    return tuple(sorted(found))
+
+
+def all_members(run: Run) -> list[str]:
+    """Every member name the run can provide: each alias, and ``<alias>@s<i>`` of snapshot backbones."""
+    names = []
+    for b in run.recipe.backbones:
+        names.append(b.alias)
+        names += [f"{b.alias}@s{i}" for i in range(1, b.train.snapshots + 1)] if b.train.snapshots else []
+    return names
+
+
+def resolve_member(run: Run, name: str) -> Member:
+    """``alias`` -> the final weights; ``alias@s<i>`` -> snapshot i (1-based; the last is the final model)."""
+    alias, sep, snap = name.partition("@s")
+    by_alias = {b.alias: b for b in run.recipe.backbones}
+    b = by_alias.get(alias)
+    n_snapshots = (b.train.snapshots or 1) if b else 0
+    if b is None or (sep and not (snap.isdigit() and 1 <= int(snap) <= n_snapshots and n_snapshots > 1)):
+        raise RunError(
+            f"{run.dir / 'combiners' / 'index.json'}: member {name!r} is not in this run "
+            f"(members: {', '.join(all_members(run))}); the file is damaged: re-run fit on this run"
+        )
+    i = int(snap) if sep else n_snapshots
+    return Member(name, b, "weights.safetensors" if i == n_snapshots else f"snapshot{i - 1}.safetensors")
+
+
+def load_method(run: Run, method: str | None) -> tuple[str, comb.Combiner, list[Member]]:
+    """The fitted combiner ``method`` (default: the run's best) and the members it combines."""
+    if run.combiners is None or (method is None and run.best is None):
+        raise RunError(
+            f"{run.dir}: no fitted combiner (combiners/index.json is missing or empty): the run is "
+            f"unfinished; complete it with `{fit_command(run.dir)}`"
+        )
+    name = method or run.best
+    if name not in run.combiners:
+        raise RunError(_not_fitted_message(run, name))
+    entry = run.combiners[name]
+    members = [resolve_member(run, m) for m in entry["members"]]
+    folder = run.dir / "combiners"
+    try:
+        combiner = load_combiner(folder, entry["file"])
+    except CombinerStateError as exc:
+        raise RunError(f"{exc}; re-run `{fit_command(run.dir)}` to rewrite it") from None
+    except ValueError as exc:  # an unsafe file name in index.json
+        raise RunError(f"{folder / 'index.json'}: {exc}") from None
+    if combiner.n_members_ != len(members) or combiner.n_classes_ != len(run.data.classes):
+        raise RunError(
+            f"{folder / (entry['file'] + '.json')}: fitted on {combiner.n_members_} members and "
+            f"{combiner.n_classes_} classes, but index.json lists {len(members)} members and data.json "
+            f"{len(run.data.classes)} classes; re-run `{fit_command(run.dir)}` to rewrite it"
+        )
+    return name, combiner, members
+
+
+def _not_fitted_message(run: Run, name: str) -> str:
+    fitted = ", ".join(run.combiners) or "none"
+    try:
+        comb.combiner_class(name)
+    except ValueError as exc:
+        return f"--method {name!r}: {exc}. Fitted for this run: {fitted}"
+    wanted = list(dict.fromkeys([*run.recipe.ensemble.combiners, name.removesuffix(comb.TS_SUFFIX)]))
+    listed = "[" + ",".join(f'"{n}"' for n in wanted) + "]"
+    extra = " --set ensemble.calibrate=true" if name.endswith(comb.TS_SUFFIX) else ""
+    return (
+        f"combiner {name!r} was not fitted for this run (fitted: {fitted}); fit it without retraining with "
+        f"`{fit_command(run.dir)} --set 'ensemble.combiners={listed}'{extra}`"
+    )
+
+
+# --------------------------------------------------------------------------- models
+
+
+@dataclass
+class MemberModels:
+    """The k fold models of one member, in eval mode on the inference device."""
+
+    member: Member
+    models: list[nn.Module]
+    channels_last: bool
+
+
+def load_members(run: Run, members: list[Member], device: torch.device) -> list[MemberModels]:
+    """Build every fold model of ``members`` and load its safetensors weights (strict)."""
+    out = []
+    for m in members:
+        channels_last = m.backbone.train.channels_last and device.type in ("cpu", "cuda")
+        models = [_load_fold_model(run, m, k, device, channels_last) for k in range(run.recipe.cv.folds)]
+        out.append(MemberModels(m, models, channels_last))
+    return out
+
+
+def _load_fold_model(run: Run, member: Member, fold: int, device: torch.device, channels_last: bool) -> nn.Module:
+    folder = store.job_dir(run.dir, member.backbone.alias, fold)
+    if not (folder / "done.json").is_file():
+        raise RunError(
+            f"{folder}: job not finished (no done.json): the run is unfinished; complete it with "
+            f"`{fit_command(run.dir)}`"
+        )
+    path = folder / member.weights
+    state = read_weights(path, _retrain_hint(run, folder))
+    b = member.backbone
+    try:
+        model = backbones.create(b.name, num_classes=len(run.data.classes), in_chans=run.data.channels,
+                                 stem=b.stem, pretrained="", model_args=b.model_args)
+    except Exception as exc:  # noqa: BLE001 - timm/torchvision raise many types for a bad name/args
+        raise RunError(f"{run.dir / 'recipe.toml'}: cannot build backbone {b.name!r} ({exc})") from None
+    bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
+    if bad is not None:
+        raise RunError(f"{path}: tensor {bad!r} holds NaN or inf; {_retrain_hint(run, folder)}")
+    mismatch = _state_mismatch(model.state_dict(), state)
+    if mismatch:
+        raise RunError(f"{path}: these weights do not fit {b.name} with {len(run.data.classes)} classes and "
+                       f"{run.data.channels}-channel input: {mismatch}; {_retrain_hint(run, folder)}")
+    model.load_state_dict(state, strict=True)
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tensor]) -> str:
+    """'' when ``got`` has exactly the keys and shapes of ``expected``, else a one-line summary."""
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [k for k in expected if k in got and tuple(got[k].shape) != tuple(expected[k].shape)]
+    parts = [f"{len(missing)} missing tensors (e.g. {missing[0]!r})" if missing else "",
+             f"{len(unexpected)} unexpected tensors (e.g. {unexpected[0]!r})" if unexpected else "",
+             f"{len(shapes)} of the wrong shape (e.g. {shapes[0]!r}: expected {tuple(expected[shapes[0]].shape)}, "
+             f"got {tuple(got[shapes[0]].shape)})" if shapes else ""]
+    return ", ".join(p for p in parts if p)
+
+
+def _retrain_hint(run: Run, folder: Path) -> str:
+    return f"delete {folder} and run `{fit_command(run.dir)}` to retrain that job"
+
+
+def read_weights(path: Path, hint: str = "restore it") -> dict[str, torch.Tensor]:
+    """A safetensors state dict; anything else (truncated, a pickle renamed) is a RunError naming the file."""
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        raise RunError(f"{path}: missing, although its job is marked done; {hint}")
+    try:
+        return load_file(str(path), device="cpu")
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+        raise RunError(f"{path}: not a readable safetensors weights file ({exc}); {hint}") from None
+
+
+@torch.inference_mode()
+def member_logits(members: list[MemberModels], images: torch.Tensor, mean, std, device: torch.device,
+                  tta: bool = False, batch_size: int = 256, progress: bool = False) -> np.ndarray:
+    """Member logits float32 (n_members, N, C): each the mean over its fold models' logits.
+
+    ``images`` uint8 (N, C_img, S, S). The progress bar counts images done by every model.
+    """
+    out: np.ndarray | None = None
+    with tqdm(total=len(images), desc="predicting", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(images), batch_size):
+            xb = images[start : start + batch_size].to(device)
+            for i, mm in enumerate(members):
+                folds = [infer(model, xb, mean, std, device, batch_size, mm.channels_last, tta) for model in mm.models]
+                mean_logits = torch.stack(folds).mean(0).numpy()
+                if out is None:
+                    out = np.empty((len(members), len(images), mean_logits.shape[1]), dtype=np.float32)
+                out[i, start : start + len(xb)] = mean_logits
+            bar.update(len(xb))
+    return out if out is not None else np.zeros((len(members), 0, 0), dtype=np.float32)
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+class Inputs(NamedTuple):
+    """Decoded inputs: uint8 ``x`` (N, C_img, S, S), display ``paths`` (N), ``labels`` int64 (N,)
+    with -1 where unknown (None when no input had labels), ``failures`` [(path, reason)] and
+    ``notes`` (things skipped on purpose)."""
+
+    x: torch.Tensor
+    paths: list[str]
+    labels: np.ndarray | None
+    failures: list[tuple[str, str]]
+    notes: list[str]
+
+
+class _Entry(NamedTuple):
+    path: str  # as shown to the user
+    source: Path | bytes  # a file to read, or bytes already read from an archive
+    label: int  # -1 when unknown
+
+
+def read_inputs(paths: list[str], data: DataInfo, progress: bool = False, chunk: int = 512) -> Inputs:
+    """Images from files, folders, ImageFolder trees and tar archives, decoded as in training.
+
+    A path or image that cannot be used becomes a failure; the others are still read.
+    """
+    entries, failures, notes = [], [], []
+    for arg in paths:
+        found, fail, note = _list_input(arg, data.classes)
+        entries += found
+        failures += fail
+        notes += note
+    images, kept = [], []
+    with tqdm(total=len(entries), desc="reading", unit="img", disable=not progress, leave=False) as bar:
+        for start in range(0, len(entries), chunk):
+            part = entries[start : start + chunk]
+            x, ok, failed = _decode_batch(part, data)
+            images += [x] if ok else []
+            kept += ok
+            failures += failed
+            bar.update(len(part))
+    size = data.image_size
+    x = torch.cat(images) if images else torch.zeros((0, data.channels, size, size), dtype=torch.uint8)
+    y = np.asarray([e.label for e in kept], dtype=np.int64)
+    return Inputs(x, [e.path for e in kept], y if (y >= 0).any() else None, failures, notes)
+
+
+def _decode_batch(entries: list[_Entry], data: DataInfo) -> tuple[torch.Tensor | None, list[_Entry], list]:
+    """Read and decode a batch of entries; every unreadable or refused file becomes a failure.
+
+    Returns uint8 (n_ok, C_img, S, S) or None, the entries decoded, and [(path, reason)] failures.
+    """
+    blobs, ok, failures = [], [], []
+    for e in entries:
+        try:
+            blob = e.source.read_bytes() if isinstance(e.source, Path) else e.source
+        except OSError as exc:
+            failures.append((e.path, f"cannot be read ({exc.strerror or exc})"))
+            continue
+        problem = _transparency_problem(blob, data.channels)
+        if problem:
+            failures.append((e.path, problem))
+            continue
+        blobs.append(blob)
+        ok.append(e)
+    if not ok:
+        return None, [], failures
+    images, good, bad = _decode_or_split(blobs, ok, data)
+    return (torch.cat(images) if images else None), good, failures + bad
+
+
+def _decode_or_split(blobs: list[bytes], entries: list[_Entry], data: DataInfo):
+    """Decode all at once; on a bad image, split in halves until each bad file stands alone."""
+    try:
+        return [decode_images(blobs, [e.path for e in entries], data.image_size, data.channels)], entries, []
+    except DataError as exc:
+        if len(entries) == 1:
+            return [], [], [(entries[0].path, f"not a readable image ({exc.__cause__ or exc})")]
+    mid = len(entries) // 2
+    a = _decode_or_split(blobs[:mid], entries[:mid], data)
+    b = _decode_or_split(blobs[mid:], entries[mid:], data)
+    return a[0] + b[0], a[1] + b[1], a[2] + b[2]
+
+
+def _transparency_problem(blob: bytes, channels: int) -> str | None:
+    """A reason when the image has an alpha channel (or colour key) with transparent pixels.
+
+    Training drops alpha; here a transparent image is refused, since its hidden pixels are arbitrary.
+    """
+    if blob[:2] == b"\xff\xd8":  # JPEG: no alpha
+        return None
+    try:
+        with Image.open(io.BytesIO(blob)) as im:
+            bands = im.getbands()
+            if not ("A" in bands or "a" in bands or "transparency" in im.info):
+                return None
+            n = len(bands) + (0 if "A" in bands or "a" in bands else 1)
+            if im.convert("RGBA").getchannel("A").getextrema()[0] == 255:
+                return None  # fully opaque: the alpha channel carries nothing
+            mode = im.mode
+    except _PIL_ERRORS:
+        return None  # decode_images reports it
+    kind = "grayscale" if channels == 1 else "RGB"
+    return (f"has {n} channels ({mode} with transparent pixels) but the run's models take {channels}-channel "
+            f"{kind} images; flatten it onto a background first")
+
+
+def _list_input(arg: str, classes: tuple[str, ...]) -> tuple[list[_Entry], list, list[str]]:
+    """(entries, failures, notes) for one INPUT argument."""
+    path = Path(arg).expanduser()
+    if not path.exists():
+        return [], [(arg, "does not exist")], []
+    if path.is_dir():
+        return _list_dir(arg, path, classes)
+    if path.name.lower().endswith(IMAGE_EXTENSIONS):
+        return [_Entry(arg, path, -1)], [], []
+    if path.name.lower().endswith(ARCHIVE_EXTENSIONS) or tarfile.is_tarfile(path):
+        return _list_archive(arg, path, classes)
+    return [], [(arg, f"not an image ({', '.join(IMAGE_EXTENSIONS)}) nor a .tar/.tar.gz of images")], []
+
+
+def _list_dir(arg: str, root: Path, classes) -> tuple[list[_Entry], list, list[str]]:
+    images, others, seen = [], [], {root.resolve()}
+    for here, dirs, names in os.walk(root, followlinks=True):
+        rel = Path(here).relative_to(root).parts
+        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _first_visit(Path(here) / d, seen))
+        for n in sorted(names):
+            if not n.startswith("."):
+                (images if n.lower().endswith(IMAGE_EXTENSIONS) else others).append(rel + (n,))
+    if not images:
+        return [], [(arg, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")], []
+    images.sort()
+    labels, note = _folder_labels(images, classes, arg)
+    entries = [_Entry(os.path.join(arg, *p), root.joinpath(*p), c) for p, c in zip(images, labels)]
+    return entries, [], note + _skipped_note(arg, others)
+
+
+def _first_visit(folder: Path, seen: set) -> bool:
+    real = folder.resolve()
+    if real in seen:  # a symlink loop or a second link to the same folder
+        return False
+    seen.add(real)
+    return True
+
+
+def _list_archive(arg: str, path: Path, classes) -> tuple[list[_Entry], list, list[str]]:
+    """Images of a tar archive, read in memory (nothing is extracted to disk)."""
+    found, others, failures = [], [], []
+    try:
+        with tarfile.open(path, mode="r|*") as tf:
+            for m in tf:
+                parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
+                if not m.isfile() or not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
+                    continue
+                if parts[-1].lower().endswith(IMAGE_EXTENSIONS):
+                    found.append((parts, tf.extractfile(m).read()))
+                else:
+                    others.append(parts)
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
+        where = f" after {len(found)} images" if found else ""
+        failures.append((arg, f"not a readable tar archive{where} ({exc})"))
+    if not found and not failures:
+        failures.append((arg, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this archive"))
+    found.sort(key=lambda item: item[0])
+    labels, note = _folder_labels([p for p, _ in found], classes, arg)
+    entries = [_Entry(f"{arg}:{'/'.join(p)}", blob, c) for (p, blob), c in zip(found, labels)]
+    return entries, failures, note + _skipped_note(arg, others)
+
+
+def _folder_labels(files: list[tuple[str, ...]], classes, where: str) -> tuple[list[int], list[str]]:
+    """Class index of each file when ``files`` form an ImageFolder tree of the run's classes, else -1.
+
+    Class folders sit at the root, or under one single top folder (as in training).
+    """
+    index = {c: i for i, c in enumerate(classes)}
+    for depth in (2, 3):
+        if files and all(len(p) == depth for p in files) and len({p[: depth - 2] for p in files}) == 1:
+            folders = sorted({p[depth - 2] for p in files})
+            if all(f in index for f in folders):
+                return [index[p[depth - 2]] for p in files], []
+            strange = [f for f in folders if f not in index]
+            return [-1] * len(files), [
+                f"{where}: folders {strange[:3]} are not classes of the run ({', '.join(classes[:10])}"
+                f"{' ...' if len(classes) > 10 else ''}); its images are predicted without labels"
+            ]
+    return [-1] * len(files), []
+
+
+def _skipped_note(where: str, others: list[tuple[str, ...]]) -> list[str]:
+    if not others:
+        return []
+    return [f"{where}: skipped {len(others)} non-image files (e.g. {'/'.join(others[0])!r})"]
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_csv(path: Path, paths: list[str], proba: np.ndarray, classes, labels: np.ndarray | None) -> None:
+    """``path, pred, prob_<class>..., [label]``; proba (N, C); labels (N,) with -1 = unknown (empty)."""
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "pred", *(f"prob_{c}" for c in classes), *(["label"] if labels is not None else [])])
+    pred = proba.argmax(axis=1)
+    for i, p in enumerate(paths):
+        row = [p, classes[pred[i]], *(f"{v:.6f}" for v in proba[i])]
+        if labels is not None:
+            row.append(classes[labels[i]] if labels[i] >= 0 else "")
+        w.writerow(row)
+    store.write_text(path, buf.getvalue())
+
+
+def metrics_path(csv_path: Path) -> Path:
+    return csv_path.with_name(csv_path.stem + ".metrics.json")
+
+
+def labelled_metrics(proba: np.ndarray, labels: np.ndarray, classes) -> dict:
+    """``fit``'s metrics (accuracy, macro P/R/F1, NLL, Brier, ECE, confusion ...) on the labelled rows."""
+    known = labels >= 0
+    return split_metrics(proba[known], labels[known], list(classes))
+
+
+def describe(run: Run) -> str:
+    """What ``--members`` prints: the members, their finished folds, the fitted combiners."""
+    k = run.recipe.cv.folds
+    d = run.data
+    lines = [f"run {run.dir}: {len(run.recipe.backbones)} backbones x {k} folds, {len(d.classes)} classes, "
+             f"{d.channels}-channel {d.image_size}x{d.image_size} images", "members:"]
+    for b in run.recipe.backbones:
+        done = sum((store.job_dir(run.dir, b.alias, f) / "done.json").is_file() for f in range(k))
+        snaps = f"  snapshots: {', '.join(f'{b.alias}@s{i}' for i in range(1, b.train.snapshots + 1))}" \
+            if b.train.snapshots else ""
+        lines.append(f"  {b.alias:24} {b.name:28} {done}/{k} folds done{snaps}")
+    if not run.combiners:
+        lines.append(f"fitted combiners: none; complete the run with `{fit_command(run.dir)}`")
+        return "\n".join(lines)
+    scores = _recorded_scores(run.dir)
+    lines.append("fitted combiners (--method NAME):")
+    for name, entry in run.combiners.items():
+        s = scores.get(name, {})
+        acc = "".join(f"  {split} acc {s[split]['accuracy']:.4f}" for split in ("oof", "test") if split in s)
+        best = " (best)" if name == run.best else ""
+        lines.append(f"  {name + best:20} members: {', '.join(entry['members'])}{acc}")
+    return "\n".join(lines)
+
+
+def _recorded_scores(run_dir: Path) -> dict:
+    try:
+        return store.read_json(run_dir / "metrics.json").get("combiners", {})
+    except (RunError, AttributeError):
+        return {}
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0])
+    p.add_argument("run", type=Path, help="a run folder written by `python -m ensemble.fit`")
+    p.add_argument("inputs", nargs="*", metavar="INPUT",
+                   help="image files, folders, ImageFolder trees (labelled) or .tar/.tar.gz of them")
+    p.add_argument("--method", help="fitted combiner to use (default: the run's best by nested OOF accuracy)")
+    p.add_argument("--members", action="store_true", help="list the run's members and fitted combiners, then exit")
+    p.add_argument("--out", type=Path, default=Path("preds.csv"),
+                   help="CSV of predictions (default preds.csv); metrics go to <stem>.metrics.json")
+    p.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = p.parse_args(argv)
+    if not args.members and not args.inputs:
+        p.error("give at least one INPUT (or --members to list what the run holds)")
+    if args.batch_size < 1:
+        p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    return args
+
+
+def predict(run: Run, args: argparse.Namespace) -> int:
+    """Predict ``args.inputs`` with ``run``; returns the exit status (0, or 1 when inputs failed)."""
+    name, combiner, members = load_method(run, args.method)
+    try:
+        device = resolve_device(args.device)
+    except (ValueError, RuntimeError) as exc:
+        raise RunError(f"--device {args.device!r}: {exc}") from None
+    models = load_members(run, members, device)
+    start = time.perf_counter()
+    inputs = read_inputs(args.inputs, run.data, progress=not args.quiet)
+    reading = time.perf_counter() - start
+    for path, reason in inputs.failures:
+        print(f"error: {path}: {reason}", file=sys.stderr)
+    for note in inputs.notes:
+        print(f"note: {note}", file=sys.stderr)
+    if not inputs.paths:
+        print("error: no image could be read; nothing predicted", file=sys.stderr)
+        return 1
+    start = time.perf_counter()
+    logits = member_logits(models, inputs.x, run.data.mean, run.data.std, device, args.tta == "flip",
+                           args.batch_size, progress=not args.quiet)
+    proba = combiner.predict_proba(logits)
+    seconds = time.perf_counter() - start
+    write_csv(args.out, inputs.paths, proba, run.data.classes, inputs.labels)
+    print(f"method {name}{' (best)' if name == run.best else ''}: {len(members)} members x "
+          f"{run.recipe.cv.folds} folds on {device}; wrote {args.out}")
+    if inputs.labels is not None:
+        report_metrics(proba, inputs.labels, run, name, args)
+    else:
+        metrics_path(args.out).unlink(missing_ok=True)  # never leave metrics of an earlier CSV beside this one
+    n = len(inputs.paths)
+    print(f"{n} images predicted in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} images/s "
+          f"(reading and decoding: {reading:.2f} s){f'; {len(inputs.failures)} inputs failed' if inputs.failures else ''}")
+    return 1 if inputs.failures else 0
+
+
+def report_metrics(proba: np.ndarray, labels: np.ndarray, run: Run, name: str, args: argparse.Namespace) -> dict:
+    """Print and save (``<stem>.metrics.json``) the metrics on the labelled rows."""
+    m = labelled_metrics(proba, labels, run.data.classes)
+    n = int((labels >= 0).sum())
+    print(f"{n} labelled images: " + ", ".join(f"{k} {m[k]:.4f}" for k in SCALARS))
+    doc = {"run": str(run.dir), "method": name, "n_images": len(labels), "n_labelled": n, "tta": args.tta,
+           "metrics": m}
+    store.write_json(metrics_path(args.out), doc)
+    return m
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        args = parse_args(argv)
+    except SystemExit as exc:  # argparse: --help (0) or a usage error (2)
+        return int(exc.code or 0)
+    try:
+        run = load_run(args.run)
+        for path in run.unsafe:
+            print(f"warning: {path}: ignored, never opened (pickle-like files are not part of a run)",
+                  file=sys.stderr)
+        if args.members:
+            print(describe(run))
+            return 0
+        return predict(run, args)
+    except RunError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
