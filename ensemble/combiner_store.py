@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 import zipfile
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
 from ensemble.combiners import Combiner, restore_combiner
+from ensemble.store import atomic_write
 
 FORMAT = 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+@-]+$")
@@ -35,20 +34,6 @@ def _check_name(name: str) -> str:
             f"got {name!r}"
         )
     return name
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    """Call ``write(binary_file)`` on a temp file next to ``path``, then rename onto it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_combiner(
@@ -70,8 +55,8 @@ def save_combiner(
             )
     doc = {"format": FORMAT, "class": combiner.name, **state}
     text = json.dumps(doc, indent=1, allow_nan=False)  # fails early if not JSON-able
-    _atomic_write(directory / f"{name}.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
-    _atomic_write(directory / f"{name}.json", lambda f: f.write(text.encode("utf-8")))
+    atomic_write(directory / f"{name}.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
+    atomic_write(directory / f"{name}.json", lambda f: f.write(text.encode("utf-8")))
     return directory / f"{name}.json"
 
 

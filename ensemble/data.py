@@ -22,7 +22,6 @@ import json
 import math
 import os
 import tarfile
-import uuid
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
+
+from .store import atomic_write
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -262,20 +263,10 @@ def _write_cache(folder: Path, key: dict, train: Images, test: Images | None) ->
     if test is not None:
         arrays |= {"test_x": test.x, "test_y": test.y}
     for name, t in arrays.items():
-        _atomic_write(folder / f"{name}.npy", lambda f, t=t: np.save(f, t.numpy(), allow_pickle=False))
+        atomic_write(folder / f"{name}.npy", lambda f, t=t: np.save(f, t.numpy(), allow_pickle=False))
     about = {k: v for k, v in key.items() if k != "files"} | ({"n_files": len(key["files"])} if "files" in key else {})
     meta = {"classes": list(train.classes), "arrays": list(arrays), "key": about}
-    _atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # last: marks complete
-
-
-def _atomic_write(path: Path, write: Callable) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # last: marks complete
 
 
 # --------------------------------------------------------------------------- built-in sources

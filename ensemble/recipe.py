@@ -198,7 +198,6 @@ def _derive_alias(name: str) -> str:
 def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[BackboneConfig, ...]:
     if not isinstance(items, list) or not items:
         raise RecipeError(f"{where}: backbones must be a non-empty list of [[backbones]] tables, got {items!r}")
-    own = {f.name for f in dataclasses.fields(BackboneConfig)} - {"train"}
     train_keys = {f.name for f in dataclasses.fields(TrainConfig)}
     result, seen = [], {}
     for i, item in enumerate(items):

@@ -20,6 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,14 +34,19 @@ class RunError(ValueError):
 # --------------------------------------------------------------------------- atomic writes
 
 
-def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it into place."""
+def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Call ``write(f)`` on a binary temp file beside ``path``, then rename it into place.
+
+    A reader (or a process restarted after a kill) sees the old file or the new one, never half.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        write(Path(tmp))
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -48,19 +54,15 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
 
 
 def write_text(path: Path, text: str) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(text))
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+    write_text(path, json.dumps(obj, indent=1) + "\n")
 
 
 def write_npy(path: Path, array: np.ndarray) -> None:
-    def write(tmp: Path) -> None:
-        with open(tmp, "wb") as f:
-            np.save(f, np.ascontiguousarray(array), allow_pickle=False)
-
-    atomic_write(path, write)
+    atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
 def read_npy(path: Path) -> np.ndarray:
@@ -110,7 +112,7 @@ def is_done(directory: Path, key: str) -> bool:
 
 def write_job(directory: Path, output, meta: dict) -> None:
     """Write one job's files atomically; ``done.json`` goes last."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     directory = Path(directory)
     (directory / "done.json").unlink(missing_ok=True)
@@ -120,8 +122,8 @@ def write_job(directory: Path, output, meta: dict) -> None:
     write_json(directory / "history.json", output.history)
     *snapshots, final = output.states
     for i, state in enumerate(snapshots):
-        atomic_write(directory / f"snapshot{i}.safetensors", lambda tmp, s=state: save_file(s, str(tmp)))
-    atomic_write(directory / "weights.safetensors", lambda tmp: save_file(final, str(tmp)))
+        atomic_write(directory / f"snapshot{i}.safetensors", lambda f, s=state: f.write(save(s)))
+    atomic_write(directory / "weights.safetensors", lambda f: f.write(save(final)))
     write_json(directory / "meta.json", meta)
     write_json(directory / "done.json", {"key": meta["key"]})
 
