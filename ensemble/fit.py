@@ -34,7 +34,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")
     p.add_argument("--out", type=Path, help="run folder (default: outputs/<recipe name>)")
-    p.add_argument("--jobs", type=int, default=1, help="(backbone, fold) jobs run at once (default 1)")
+    p.add_argument("--jobs", type=int, default=1,
+                   help="(backbone, fold) jobs run at once (default 1); ignored on Dask; on Ray it caps the "
+                        "pool (1 = the whole cluster)")
+    p.add_argument("--gpus-per-job", type=float, default=1.0,
+                   help="GPU share a job asks a Dask/Ray cluster for (default 1; 0.25 = four jobs per card)")
     p.add_argument("--backend", choices=("loky", "dask", "ray"), default="loky",
                    help="joblib backend: local processes (loky), or a Dask / Ray cluster")
     p.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (with --backend dask)")
@@ -45,6 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
+    if not args.gpus_per_job > 0:
+        p.error(f"--gpus-per-job must be > 0, got {args.gpus_per_job}")
     return args
 
 
@@ -108,7 +114,10 @@ def train_members(recipe: Recipe, dataset, run_dir: Path, args: argparse.Namespa
         n_classes=len(dataset.train.classes),
     )
     with jobs_mod.cluster(args.backend, args.scheduler, args.address):
-        for i, s in enumerate(jobs_mod.run_all(pending, data, run_dir, args.jobs, args.backend, not args.quiet), 1):
+        results = jobs_mod.run_all(
+            pending, data, run_dir, args.jobs, args.backend, not args.quiet, gpus_per_job=args.gpus_per_job
+        )
+        for i, s in enumerate(results, 1):
             print(f"[{i}/{len(pending)}] {s['alias']} fold{s['fold']}: held-out acc {s['val_acc']:.4f}, "
                   f"{s['seconds']:.1f} s on {s['device']}", flush=True)
 

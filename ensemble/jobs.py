@@ -80,12 +80,49 @@ def versions() -> dict:
     }
 
 
-def run_job(job: Job, data: SharedData, run_dir: Path, threads: int, progress: bool, device: str | None = None) -> dict:
-    """Train one (backbone, fold) job and write its files; returns a one-line summary dict."""
-    from .train import resolve_device, train_member
+def run_job(
+    job: Job,
+    data: SharedData,
+    run_dir: Path,
+    threads: int,
+    progress: bool,
+    device: str | None = None,
+    gpu_slots: int = 0,
+) -> dict:
+    """Train one (backbone, fold) job and write its files; returns a one-line summary dict.
 
+    ``threads`` > 0 sets torch's CPU threads for this job (restored after); 0 keeps the
+    process's own setting (a Dask or Ray worker's OMP_NUM_THREADS). ``device`` overrides
+    the recipe's. ``gpu_slots`` > 0 (local runs with several GPUs) makes the job hold
+    one of that many slots while it runs, slot s on GPU s mod n_gpus: concurrent jobs
+    spread over the GPUs instead of piling onto one. ``data`` may be a Ray ObjectRef.
+    """
+    data = _resolve(data)
+    previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
+    try:
+        wants_gpu = job.backbone.train.device in ("auto", "cuda") and device is None
+        if gpu_slots and wants_gpu and torch.cuda.device_count() > 1:
+            with claim_gpu(Path(run_dir) / ".gpu-slots", gpu_slots, torch.cuda.device_count()) as gpu:
+                return _train_and_write(job, data, run_dir, progress, f"cuda:{gpu}")
+        return _train_and_write(job, data, run_dir, progress, device)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _resolve(data):
+    """The SharedData itself, fetched first when a Ray backend passed an ObjectRef to it."""
+    if type(data).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(data)
+    return data
+
+
+def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, device: str | None) -> dict:
+    from .train import resolve_device, train_member
+
     t0 = time.perf_counter()
     dev = resolve_device(device or job.backbone.train.device)
     held_out = data.folds == job.fold
@@ -132,6 +169,33 @@ def run_job(job: Job, data: SharedData, run_dir: Path, threads: int, progress: b
     return {"alias": job.alias, "fold": job.fold, "val_acc": last["val_acc"], "seconds": seconds, "device": str(dev)}
 
 
+@contextlib.contextmanager
+def claim_gpu(lock_dir: Path, n_slots: int, n_gpus: int, poll_s: float = 0.2) -> Iterator[int]:
+    """Hold the first free one of ``n_slots`` slot lock files; yields its GPU, slot mod ``n_gpus``.
+
+    The lock (``flock``) is released when the block ends or the process dies. With
+    ``n_slots`` = the number of concurrent jobs a free slot always exists; the poll only
+    covers the moment between one job ending and the next starting.
+    """
+    import fcntl
+
+    lock_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        for slot in range(n_slots):
+            handle = open(lock_dir / f"slot{slot}.lock", "w")  # noqa: SIM115 - held for the block
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.close()
+                continue
+            try:
+                yield slot % n_gpus
+            finally:
+                handle.close()  # releases the lock
+            return
+        time.sleep(poll_s)
+
+
 def _threads_per_job(n_jobs: int) -> int:
     cores = os.cpu_count() or 1
     return max(1, cores // max(1, n_jobs))
@@ -141,43 +205,131 @@ def run_all(
     jobs: list[Job],
     data: SharedData,
     run_dir: Path,
-    n_jobs: int = 1,
+    n_jobs: int | None = 1,
     backend: str = "loky",
     progress: bool = True,
+    gpus_per_job: float = 1.0,
 ) -> Iterator[dict]:
     """Run ``jobs`` and yield each summary as it finishes.
 
-    Locally, ``n_jobs`` processes split the CPU threads between them (no
-    oversubscription) and, with several GPUs, job i goes to GPU i mod n_gpus.
-    With ``backend`` "dask" or "ray" the active joblib cluster backend runs them.
-    """
-    from joblib import Parallel, delayed
+    ``backend`` "loky" (local): ``n_jobs`` processes (None = 1) split the CPU cores
+    between them, ``cores // n_jobs`` torch threads each (no oversubscription); with
+    several GPUs each running job holds its own slot, slot s on GPU s mod n_gpus.
 
+    ``backend`` "dask" or "ray" runs them with joblib's backend for that engine on the
+    cluster that :func:`cluster` connected. When the cluster has GPUs each job asks
+    for ``gpus_per_job`` of one (a fraction lets small jobs share a card); a job keeps
+    its worker's CPU threads (both engines set OMP_NUM_THREADS to the CPUs a task
+    holds: 1 by default). Dask's scheduler decides how many jobs run at once
+    (``n_jobs`` is not used); on Ray, ``n_jobs`` > 1 caps the pool, None or 1 takes
+    every slot. A cluster with a single slot gets its jobs one by one through the
+    engine's own API (joblib would run a one-slot pool in this process).
+    """
     if not jobs:
         return
-    gpus = torch.cuda.device_count()
-    local = backend == "loky"
+    if backend not in ("loky", "dask", "ray"):
+        raise ValueError(f"backend must be 'loky', 'dask' or 'ray', got {backend!r}")
+    if gpus_per_job <= 0:
+        raise ValueError(f"gpus_per_job must be > 0, got {gpus_per_job}")
+    if backend == "loky":
+        yield from _run_local(jobs, data, run_dir, n_jobs or 1, progress)
+    elif backend == "dask":
+        yield from _run_dask(jobs, data, run_dir, gpus_per_job)
+    else:
+        yield from _run_ray(jobs, data, run_dir, n_jobs, gpus_per_job)
 
-    def device_for(i: int, job: Job) -> str | None:
-        if local and gpus > 1 and job.backbone.train.device in ("auto", "cuda"):
-            return f"cuda:{i % gpus}"
-        return None
 
-    if n_jobs == 1 and local:
-        for i, job in enumerate(jobs):
-            yield run_job(job, data, run_dir, 0, progress, device_for(i, job))
+def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, progress: bool) -> Iterator[dict]:
+    from joblib import Parallel, delayed
+
+    threads = _threads_per_job(n_jobs)
+    slots = max(n_jobs, torch.cuda.device_count()) if torch.cuda.device_count() > 1 else 0
+    if n_jobs == 1:
+        for job in jobs:
+            yield run_job(job, data, run_dir, threads, progress, gpu_slots=slots)
         return
-    threads = _threads_per_job(n_jobs) if local else 0
-    calls = (
-        delayed(run_job)(job, data, run_dir, threads, progress and local, device_for(i, job))
-        for i, job in enumerate(jobs)
-    )
-    yield from Parallel(n_jobs=n_jobs, backend=backend, return_as="generator_unordered")(calls)
+    calls = (delayed(run_job)(job, data, run_dir, threads, progress, gpu_slots=slots) for job in jobs)
+    yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(calls)
+
+
+def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: float) -> Iterator[dict]:
+    """joblib's Dask backend; the data is scattered to every worker once.
+
+    GPUs are a Dask worker resource: a task asking for ``resources={"GPU": g}`` runs
+    only on workers started with ``--resources GPU=1``, at most 1/g at once on each.
+    """
+    from dask.distributed import get_client
+    from joblib import Parallel, delayed, parallel_config
+
+    client = get_client()
+    resources = {"GPU": gpus_per_job} if dask_has_gpus(client) else {}
+    if sum(client.ncores().values()) == 1:
+        shared = client.scatter(data, broadcast=True)
+        for job in jobs:
+            future = client.submit(run_job, job, shared, run_dir, 0, False, resources=resources or None, pure=False)
+            yield future.result()
+        return
+    calls = (delayed(run_job)(job, data, run_dir, 0, False) for job in jobs)
+    settings = {"resources": resources} if resources else {}
+    with parallel_config(backend="dask", scatter=[data], **settings):
+        results = Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered")(calls)
+    yield from results
+
+
+def dask_has_gpus(client) -> bool:
+    """Whether any worker of the Dask cluster declares a "GPU" resource."""
+    try:
+        info = client.scheduler_info(n_workers=-1)  # every worker, not the first few
+    except TypeError:  # distributed before 2025 lists all workers and takes no n_workers
+        info = client.scheduler_info()
+    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info["workers"].values())
+
+
+def _run_ray(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int | None, gpus_per_job: float):
+    """joblib's Ray backend: a pool of actors, each holding ``gpus_per_job`` GPUs when there are GPUs.
+
+    The data goes to Ray's object store once; each job fetches it from there. Results
+    come back all at the end (joblib's Ray backend cannot stream them).
+    """
+    import ray
+    from joblib import Parallel, delayed, parallel_config
+
+    resources = ray.cluster_resources()
+    gpus = gpus_per_job if resources.get("GPU", 0) > 0 else 0.0
+    n = ray_pool_size(resources.get("CPU", 1), resources.get("GPU", 0), n_jobs, gpus_per_job)
+    shared = ray.put(data)
+    if n == 1:
+        remote = ray.remote(run_job).options(num_cpus=1, num_gpus=gpus)
+        for job in jobs:
+            yield ray.get(remote.remote(job, shared, run_dir, 0, False))
+        return
+    calls = (delayed(run_job)(job, shared, run_dir, 0, False) for job in jobs)
+    with parallel_config(backend="ray", ray_remote_args={"num_gpus": gpus} if gpus else {}):
+        results = Parallel(n_jobs=n, batch_size=1, return_as="list")(calls)
+    yield from results
+
+
+def ray_pool_size(cpus: float, gpus: float, n_jobs: int | None, gpus_per_job: float) -> int:
+    """Actors in the Ray pool: no more than the cluster can place at once.
+
+    One CPU each, and ``gpus_per_job`` of a GPU each when the cluster has GPUs (Ray
+    waits for every actor of a pool to start, so an unplaceable one would hang).
+    ``n_jobs`` > 1 caps it; None, 1 or -1 takes every slot.
+    """
+    capacity = max(1, int(cpus))
+    if gpus > 0:
+        capacity = min(capacity, max(1, int(gpus / gpus_per_job + 1e-9)))
+    return capacity if n_jobs in (None, 1, -1) else max(1, min(n_jobs, capacity))
 
 
 @contextlib.contextmanager
 def cluster(backend: str = "loky", scheduler: str | None = None, address: str | None = None):
-    """Connect joblib to a Dask or Ray cluster for the duration of the block."""
+    """Connect joblib to a Dask or Ray cluster for the duration of the block.
+
+    Dask: ``scheduler`` is the scheduler's address (tcp://HOST:8786); None starts a
+    local cluster. Ray: ``address`` is the head node (HOST:6379, or "auto"); None
+    starts a local Ray. A Ray session that was already running is left running.
+    """
     if backend == "dask":
         from dask.distributed import Client
 
@@ -189,10 +341,13 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
         from ray.util.joblib import register_ray
 
         register_ray()
-        ray.init(address=address, ignore_reinit_error=True)
+        started = not ray.is_initialized()
+        if started:
+            ray.init(address=address)
         try:
             yield
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
     else:
         yield

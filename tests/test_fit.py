@@ -16,6 +16,8 @@ import pytest
 from ensemble import data as data_mod
 from ensemble import fit, store
 
+from conftest import CIFAR_ARCHIVE
+
 TINY = """
 name = "tiny"
 seed = 0
@@ -125,34 +127,51 @@ def test_shuffled_labels_score_at_chance(tiny_recipe, tmp_path, session_cache, m
     assert not far, f"not at chance: {far}"
 
 
-def _fit_process(recipe: Path, out: Path, cache: Path) -> subprocess.Popen:
+def _fit_process(recipe: Path, out: Path, cache: Path, *extra: str) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="2")
-    cmd = [sys.executable, "-m", "ensemble.fit", *fit_args(recipe, out, cache)]
+    cmd = [sys.executable, "-m", "ensemble.fit", *fit_args(recipe, out, cache, *extra)]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_then_resume_equals_uninterrupted_run(tiny_recipe, tmp_path, session_cache):
-    straight, killed = tmp_path / "straight", tmp_path / "killed"
-    assert _fit_process(tiny_recipe, straight, session_cache).wait(timeout=600) == 0
-
-    proc = _fit_process(tiny_recipe, killed, session_cache)
+def _kill_after_jobs(recipe: Path, out: Path, cache: Path, extra: list[str], n_done: int, delay: float) -> None:
+    """Start fit, wait until ``n_done`` jobs are finished, then ``delay`` s more, then SIGKILL it."""
+    proc = _fit_process(recipe, out, cache, *extra)
     deadline = time.monotonic() + 300
-    while not len(job_pids(killed)) >= 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    while len(job_pids(out)) < n_done and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    time.sleep(delay)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = job_pids(killed)
-    assert 2 <= len(finished) < 6, "the kill should land mid-run"
 
-    resumed = _fit_process(tiny_recipe, killed, session_cache)
+
+def test_sigkill_twice_then_resume_equals_uninterrupted_run(tiny_recipe, tmp_path, session_cache):
+    """Killed twice at random moments (CIFAR-10 images where the archive is present, else digits)."""
+    extra = []
+    if CIFAR_ARCHIVE.is_file():
+        extra = ["--set", "data.source='folder'", "--set", f"data.path='{CIFAR_ARCHIVE}'", "--set", "data.per_class=30",
+                 "--set", "data.image_size=32", "--set", "train.augment=['flip','crop']"]
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _fit_process(tiny_recipe, straight, session_cache, *extra).wait(timeout=600) == 0
+    per_job = np.mean([json.loads(p.read_text())["seconds"] for p in straight.glob("members/*/fold*/meta.json")])
+
+    rng = np.random.default_rng()  # random moments: a different interleaving every run
+    finished: dict[str, int] = {}
+    for n_done in (1, 3):
+        _kill_after_jobs(tiny_recipe, killed, session_cache, extra, n_done, rng.uniform(0, per_job))
+        now = job_pids(killed)
+        assert {k: now[k] for k in finished} == finished, "a finished job was trained again"
+        finished = now
+    assert len(finished) < 6, "the kills should land before the run ends"
+
+    resumed = _fit_process(tiny_recipe, killed, session_cache, *extra)
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
     assert f"6 jobs, {len(finished)} cached, {6 - len(finished)} to train" in out
     after = job_pids(killed)
-    assert {k: after[k] for k in finished} == finished  # finished jobs were not trained again
-    assert len(after) == 6
+    assert len(after) == 6 and {k: after[k] for k in finished} == finished
     for path in sorted(straight.glob("members/*/fold*/*_logits.npy")):
         assert np.load(path).tobytes() == np.load(killed / path.relative_to(straight)).tobytes(), path
+    assert json.loads((killed / "metrics.json").read_text()) == json.loads((straight / "metrics.json").read_text())
 
 
 def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, session_cache):

@@ -12,6 +12,8 @@ import sys
 # name -> module path; each module exposes main(argv: list[str] | None) -> int
 BENCHMARKS: dict[str, str] = {
     "combiners": "ensemble.bench.combiners",
+    "predict": "ensemble.bench.predict",
+    "train": "ensemble.bench.train",
 }
 
 

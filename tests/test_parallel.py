@@ -1,0 +1,291 @@
+"""Parallel and distributed jobs (joblib's loky, Dask and Ray backends), the factored training
+step, and the training benchmark, on a tiny digits recipe (2 backbones x 2 folds, 8x8, 1 epoch)."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import tarfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ensemble import fit, jobs
+from ensemble.recipe import TrainConfig
+from ensemble.train import TrainStep, infer, run_epoch
+
+RECIPE = """
+name = "tiny_parallel"
+seed = 3
+
+[data]
+source = "digits"
+image_size = 8
+
+[cv]
+folds = 2
+
+[train]
+epochs = 1
+batch_size = 64
+lr = 0.05
+augment = ["crop"]
+device = "cpu"
+
+[[backbones]]
+name = "timm:test_resnet"
+
+[[backbones]]
+name = "timm:test_efficientnet"
+optimizer = "adamw"
+lr = 0.01
+
+[ensemble]
+combiners = ["mean"]
+"""
+N_JOBS = 4  # 2 backbones x 2 folds
+
+
+def _fit(tmp: Path, name: str, *extra: str) -> Path:
+    recipe = tmp / "tiny_parallel.toml"
+    recipe.write_text(RECIPE)
+    out = tmp / name
+    code = fit.main([str(recipe), "--out", str(out), "--cache", str(tmp / "cache"), "--quiet", "--no-report", *extra])
+    assert code == 0
+    return out
+
+
+def _job_files(run: Path, name: str) -> dict[str, Path]:
+    files = {str(p.parent.relative_to(run)): p for p in sorted(run.glob(f"members/*/fold*/{name}"))}
+    assert len(files) == N_JOBS, f"expected {N_JOBS} finished jobs in {run}, found {sorted(files)}"
+    return files
+
+
+def _threads(run: Path) -> dict[str, int]:
+    return {k: json.loads(p.read_text())["threads"] for k, p in _job_files(run, "meta.json").items()}
+
+
+def assert_same_oof(run: Path, reference: Path) -> None:
+    """Bitwise-equal OOF logits when every job ran with the same torch thread count as its
+    reference job (CPU results may round differently with another count: then close)."""
+    got, want = _job_files(run, "oof_logits.npy"), _job_files(reference, "oof_logits.npy")
+    assert got.keys() == want.keys()
+    same_threads = _threads(run) == _threads(reference)
+    for key in want:
+        a, b = np.load(got[key]), np.load(want[key])
+        assert a.shape == b.shape and a.dtype == b.dtype == np.float32
+        if same_threads:
+            assert got[key].read_bytes() == want[key].read_bytes(), f"{key}: OOF logits differ"
+        else:
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory) -> Path:
+    """The reference: a local run with --jobs 2 (loky processes)."""
+    return _fit(tmp_path_factory.mktemp("local"), "run", "--jobs", "2")
+
+
+# --------------------------------------------------------------------------- local processes
+
+
+def test_jobs2_twice_gives_bitwise_equal_oof_logits_and_splits_threads(local_run, tmp_path):
+    again = _fit(tmp_path, "again", "--jobs", "2")
+    assert _threads(again) == _threads(local_run)
+    assert_same_oof(again, local_run)
+    cores = os.cpu_count() or 1
+    assert set(_threads(local_run).values()) == {max(1, cores // 2)}  # no oversubscription in the workers
+    assert torch.get_num_threads() >= 1  # the parent's own setting is untouched by the jobs
+
+
+def test_a_job_rerun_in_this_process_gives_the_bits_a_worker_wrote(local_run, tmp_path):
+    from ensemble import recipe as recipe_mod
+    from ensemble.data import load_dataset
+
+    recipe = recipe_mod.load(local_run / "recipe.toml")
+    dataset = load_dataset(recipe.data, local_run.parent / "cache", recipe.seed, progress=False)
+    folds = np.load(local_run / "folds.npy")
+    job = jobs.plan(recipe, dataset.fingerprint, folds)[-1]  # test_efficientnet, fold 1
+    data = jobs.SharedData(dataset.train.x.numpy(), dataset.train.y.numpy(), folds, None,
+                           tuple(dataset.mean), tuple(dataset.std), len(dataset.train.classes))
+    worker = local_run / "members" / job.alias / f"fold{job.fold}"
+    threads = json.loads((worker / "meta.json").read_text())["threads"]
+    before = torch.get_num_threads()
+    jobs.run_job(job, data, tmp_path, threads, progress=False)
+    assert torch.get_num_threads() == before  # restored after the job
+    mine = tmp_path / "members" / job.alias / f"fold{job.fold}"
+    assert (mine / "oof_logits.npy").read_bytes() == (worker / "oof_logits.npy").read_bytes()
+    assert json.loads((mine / "meta.json").read_text())["pid"] == os.getpid()
+
+
+def test_claim_gpu_gives_concurrent_jobs_distinct_slots_round_robin_over_gpus(tmp_path):
+    held = []
+    with jobs.claim_gpu(tmp_path, n_slots=4, n_gpus=2) as g0, jobs.claim_gpu(tmp_path, 4, 2) as g1:
+        with jobs.claim_gpu(tmp_path, 4, 2) as g2:
+            held += [g0, g1, g2]
+        with jobs.claim_gpu(tmp_path, 4, 2) as g2_again:  # the freed slot is taken again
+            held.append(g2_again)
+    assert held == [0, 1, 0, 0]
+
+    def waiter(out: list) -> None:
+        with jobs.claim_gpu(tmp_path, 1, 1, poll_s=0.01) as g:
+            out.append(g)
+
+    got: list = []
+    with jobs.claim_gpu(tmp_path, 1, 1):
+        t = threading.Thread(target=waiter, args=(got,))
+        t.start()
+        t.join(0.3)
+        assert got == []  # every slot busy: the next job waits
+    t.join(5)
+    assert got == [0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(backend="spark"), "backend must be 'loky', 'dask' or 'ray', got 'spark'"),
+    (dict(gpus_per_job=0.0), "gpus_per_job must be > 0, got 0.0"),
+])
+def test_run_all_rejects_bad_arguments(kwargs, message, tmp_path):
+    job = jobs.Job("a", 0, None, "key", 0)
+    with pytest.raises(ValueError, match=message):
+        next(jobs.run_all([job], None, tmp_path, **kwargs))
+
+
+# --------------------------------------------------------------------------- clusters
+
+
+def test_dask_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
+    distributed = pytest.importorskip("distributed")
+    # Each worker declares one GPU, so every job asks for one ("cpu" in the recipe: it trains on the CPU)
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
+                                  silence_logs=logging.ERROR, resources={"GPU": 1}) as cluster:
+        with distributed.Client(cluster) as client:
+            assert jobs.dask_has_gpus(client)
+        run = _fit(tmp_path, "dask", "--backend", "dask", "--scheduler", cluster.scheduler_address)
+        cluster.scale(1)  # a one-slot cluster: joblib would run it in this process; the jobs must still go there
+        with distributed.Client(cluster) as client:
+            deadline = time.monotonic() + 30
+            while len(client.ncores()) != 1 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(client.ncores()) == 1
+        one_slot = _fit(tmp_path, "dask1", "--backend", "dask", "--scheduler", cluster.scheduler_address)
+    pids = {json.loads(p.read_text())["pid"] for p in _job_files(run, "meta.json").values()}
+    assert os.getpid() not in pids  # trained in the cluster's workers
+    assert_same_oof(run, local_run)
+    pids = {json.loads(p.read_text())["pid"] for p in _job_files(one_slot, "meta.json").values()}
+    assert len(pids) == 1 and os.getpid() not in pids
+    assert_same_oof(one_slot, local_run)
+
+
+def test_ray_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
+    ray = pytest.importorskip("ray")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    try:
+        run = _fit(tmp_path, "ray", "--backend", "ray")
+    finally:
+        ray.shutdown()
+    pids = {json.loads(p.read_text())["pid"] for p in _job_files(run, "meta.json").values()}
+    assert os.getpid() not in pids
+    assert_same_oof(run, local_run)
+
+
+@pytest.mark.parametrize("cpus, gpus, n_jobs, gpus_per_job, size", [
+    (8, 0, None, 1.0, 8),  # CPU cluster: one actor per CPU
+    (8, 0, 1, 1.0, 8),  # --jobs 1 (fit's default) still takes the whole cluster
+    (8, 0, 3, 1.0, 3),  # --jobs caps it
+    (8, 2, None, 1.0, 2),  # one job per GPU
+    (8, 2, None, 0.25, 8),  # four small jobs per GPU, capped by the CPUs
+    (16, 2, None, 0.25, 8),
+    (4, 1, 16, 0.5, 2),
+    (1.5, 0, None, 1.0, 1),
+])
+def test_ray_pool_size_never_exceeds_what_the_cluster_can_place(cpus, gpus, n_jobs, gpus_per_job, size):
+    assert jobs.ray_pool_size(cpus, gpus, n_jobs, gpus_per_job) == size
+
+
+# --------------------------------------------------------------------------- the training step
+
+
+def _digits(n: int = 256):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.from_numpy(np.rint(d.images[:n] * 255 / 16).astype(np.uint8)[:, None])
+    return x, torch.from_numpy(d.target[:n].astype(np.int64))
+
+
+def test_run_epoch_trains_on_index_slices_and_infer_is_batched_without_autograd():
+    from ensemble import backbones
+
+    x, y = _digits()
+    torch.manual_seed(0)
+    model = backbones.create("timm:test_resnet", num_classes=10, in_chans=1)
+    cfg = TrainConfig(epochs=1, batch_size=32, lr=0.05, augment=("crop",))
+    step = TrainStep(model, cfg, total_steps=7, mean=(0.3,), std=(0.4,), device=torch.device("cpu"))
+    assert step.channels_last and next(step.model.parameters()).device.type == "cpu"
+    before = [p.detach().clone() for p in step.model.parameters()]
+    loss, correct, seen = run_epoch(step, x, y, 32, torch.Generator().manual_seed(0), steps=7)
+    assert seen == 224 and 0 <= int(correct) <= seen and float(loss) / seen > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, step.model.parameters()))
+    assert step.scheduler.last_epoch == 7  # the LR schedule advanced once per step
+    whole = infer(step.model, x, (0.3,), (0.4,), torch.device("cpu"), batch_size=1000, channels_last=True)
+    batched = infer(step.model, x, (0.3,), (0.4,), torch.device("cpu"), batch_size=50, channels_last=True)
+    assert whole.shape == (256, 10) and whole.dtype == torch.float32 and not batched.requires_grad
+    torch.testing.assert_close(batched, whole)
+    assert not step.model.training
+
+
+@pytest.mark.parametrize("steps, message", [(9, "9 steps of 32 rows need 288 rows; got 256")])
+def test_run_epoch_rejects_more_steps_than_rows(steps, message):
+    from ensemble import backbones
+
+    x, y = _digits()
+    step = TrainStep(backbones.create("timm:test_resnet", num_classes=10, in_chans=1), TrainConfig(), 10,
+                     (0.3,), (0.4,), torch.device("cpu"))
+    with pytest.raises(ValueError, match=message):
+        run_epoch(step, x, y, 32, torch.Generator(), steps=steps)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def _png(seed: int) -> bytes:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_bench_train_runs_all_three_loops_and_prints_the_ratios(tmp_path, capsys):
+    from ensemble.bench import main
+
+    archive = tmp_path / "tiny.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        for c in range(10):
+            for i in range(3):
+                blob = _png(10 * c + i)
+                info = tarfile.TarInfo(f"train/class{c}/{i}.png")
+                info.size = len(blob)
+                tf.addfile(info, io.BytesIO(blob))
+    code = main(["train", "--backbone", "timm:test_resnet", "--archive", str(archive), "--steps", "1",
+                 "--warmup", "1", "--rounds", "2", "--batch-size", "8", "--threads", "1", "--workers", "0"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    for line in ("(a) model", "(b) toolkit step", "(c) classic DataLoader loop", "b/a = ", "b/c = "):
+        assert line in out
+    assert "target >= 0.90" in out  # timm:test_resnet has targets
+
+
+def test_bench_train_says_where_the_archive_should_be(tmp_path, capsys):
+    from ensemble.bench import main
+
+    assert main(["train", "--archive", str(tmp_path / "missing.tar.gz")]) == 2
+    assert "no archive at" in capsys.readouterr().err
