@@ -126,8 +126,8 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
     t0 = time.perf_counter()
     dev = resolve_device(device or job.backbone.train.device)
     held_out = data.folds == job.fold
-    x, y = torch.from_numpy(np.asarray(data.x)), torch.from_numpy(np.asarray(data.y))
-    train_rows, val_rows = torch.from_numpy(np.flatnonzero(~held_out)), torch.from_numpy(np.flatnonzero(held_out))
+    x, y = np.asarray(data.x), np.asarray(data.y)  # read-only memory maps in worker processes
+    train_rows, val_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
     torch.manual_seed(job.seed)
     model = backbones.create(
         job.backbone.name,
@@ -140,9 +140,9 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
     output = train_member(
         model,
         job.backbone.train,
-        train=(x[train_rows], y[train_rows]),
-        val=(x[val_rows], y[val_rows]),
-        test_x=None if data.x_test is None else torch.from_numpy(np.asarray(data.x_test)),
+        train=(torch.from_numpy(x[train_rows]), torch.from_numpy(y[train_rows])),  # fancy indexing copies
+        val=(torch.from_numpy(x[val_rows]), torch.from_numpy(y[val_rows])),
+        test_x=None if data.x_test is None else torch.from_numpy(np.array(data.x_test)),  # a writable copy
         mean=data.mean,
         std=data.std,
         seed=job.seed,

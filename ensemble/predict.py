@@ -39,7 +39,7 @@ from .data import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images
 from .evaluate import SCALARS, split_metrics
 from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
 from .store import RunError
-from .train import infer, resolve_device
+from .train import infer, resolve_device, use_channels_last
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -256,7 +256,7 @@ def load_members(run: Run, members: list[Member], device: torch.device) -> list[
     """Build every fold model of ``members`` and load its safetensors weights (strict)."""
     out = []
     for m in members:
-        channels_last = m.backbone.train.channels_last and device.type in ("cpu", "cuda")
+        channels_last = use_channels_last(m.backbone.train, device)
         models = [_load_fold_model(run, m, k, device, channels_last) for k in range(run.recipe.cv.folds)]
         out.append(MemberModels(m, models, channels_last))
     return out

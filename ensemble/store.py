@@ -145,7 +145,6 @@ class Logits:
     y: np.ndarray
     y_test: np.ndarray | None
     folds: np.ndarray
-    groups: dict[str, list[str]]  # backbone alias -> its member names (snapshots, or itself)
 
 
 def member_names(alias: str, n_snapshots: int, members: str) -> list[tuple[str, int]]:
@@ -155,11 +154,10 @@ def member_names(alias: str, n_snapshots: int, members: str) -> list[tuple[str, 
     return [(alias, -1)]
 
 
-def load_logits(run_dir: Path, aliases: list[str], members: str = "final", snapshots_of: set[str] = frozenset()) -> Logits:
+def load_logits(run_dir: Path, aliases: list[str], members: str = "final") -> Logits:
     """Assemble the OOF matrix and the fold-averaged test logits of ``aliases``.
 
-    ``snapshots_of`` names backbones whose every snapshot becomes a member regardless of ``members``
-    (used for the snapshot combiner).
+    ``members`` = "snapshots" makes every snapshot of a snapshot backbone a member.
     """
     run_dir = Path(run_dir)
     folds = read_npy(run_dir / "folds.npy")
@@ -167,7 +165,7 @@ def load_logits(run_dir: Path, aliases: list[str], members: str = "final", snaps
     test_path = run_dir / "test_labels.npy"
     y_test = read_npy(test_path) if test_path.exists() else None
     k = int(folds.max()) + 1
-    names, oof, test, groups = [], [], [], {}
+    names, oof, test = [], [], []
     for alias in aliases:
         fold_oof, fold_test = [], []
         for fold in range(k):
@@ -190,11 +188,8 @@ def load_logits(run_dir: Path, aliases: list[str], members: str = "final", snaps
         bagged = np.mean(fold_test, axis=0) if fold_test else None
         if bagged is not None and bagged.shape != (s, len(y_test), c):
             raise RunError(f"{alias}: test logits have shape {bagged.shape}, expected {(s, len(y_test), c)}")
-        mode = "snapshots" if alias in snapshots_of else members
-        groups[alias] = []
-        for name, i in member_names(alias, s, mode):
+        for name, i in member_names(alias, s, members):
             names.append(name)
-            groups[alias].append(name)
             oof.append(full[i])
             if bagged is not None:
                 test.append(bagged[i])
@@ -205,5 +200,4 @@ def load_logits(run_dir: Path, aliases: list[str], members: str = "final", snaps
         y=y,
         y_test=y_test,
         folds=folds,
-        groups=groups,
     )
