@@ -28,7 +28,7 @@ BAD_OVERRIDES = [
     (["backbones.0.name='resnet18'"], "backbones[0].name must be timm:<model> | torchvision:<model>"),
     (["backbones.1.lr=0"], "backbones[1].lr must be > 0, got 0"),
     (["backbones.0.augment=['flip','blur']"], "backbones[0].augment[1] must be one of"),
-    (["backbones.2.snapshots=3"], "backbones[2].snapshots = 3 must divide epochs = 10"),
+    (["backbones.2.snapshots=3"], "backbones[2].snapshots = 3 must divide epochs = 16"),
     (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
     (["ensemble.meta_learner='svm'"], "cannot build combiner 'stacking'"),
