@@ -10,6 +10,7 @@ saved folds), then refitted on every OOF row for the test set and for
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 from pathlib import Path
 
@@ -56,13 +57,33 @@ def build_combiners(recipe: Recipe) -> dict[str, comb.Combiner]:
 
 
 def member_sets(recipe: Recipe, run_dir: Path) -> tuple[store.Logits, dict[str, store.Logits]]:
-    """The members every combiner sees, and each snapshot backbone's snapshots."""
-    aliases = [b.alias for b in recipe.backbones]
-    members = store.load_logits(run_dir, aliases, recipe.ensemble.members)
-    snaps = {
-        b.alias: store.load_logits(run_dir, [b.alias], "snapshots") for b in recipe.backbones if b.train.snapshots
-    }
-    return members, snaps
+    """The members every combiner sees, and each snapshot backbone's snapshots.
+
+    Every fold file is read once (all snapshots); both views are selections of it.
+    """
+    every = store.load_logits(run_dir, [b.alias for b in recipe.backbones], "snapshots")
+    index = {name: i for i, name in enumerate(every.names)}
+    picks, snaps = [], {}
+    for b in recipe.backbones:
+        own = [n for n in every.names if n == b.alias or n.startswith(f"{b.alias}@s")]
+        if b.train.snapshots:
+            snaps[b.alias] = _select(every, [(n, index[n]) for n in own])
+        if recipe.ensemble.members == "snapshots" or len(own) == 1:
+            picks += [(n, index[n]) for n in own]
+        else:
+            picks.append((b.alias, index[own[-1]]))  # the final model is the last snapshot
+    return _select(every, picks), snaps
+
+
+def _select(logits: store.Logits, picks: list[tuple[str, int]]) -> store.Logits:
+    """A view holding members ``picks`` = [(name, index into logits.names)]."""
+    rows = [i for _, i in picks]
+    return dataclasses.replace(
+        logits,
+        names=[name for name, _ in picks],
+        oof=logits.oof[rows],
+        test=None if logits.test is None else logits.test[rows],
+    )
 
 
 def _inputs_for(name: str, members: store.Logits, snaps: dict[str, store.Logits]) -> dict[str, store.Logits]:
