@@ -10,7 +10,6 @@ saved folds), then refitted on every OOF row for the test set and for
 from __future__ import annotations
 
 import csv
-import dataclasses
 import io
 from pathlib import Path
 
@@ -61,29 +60,14 @@ def member_sets(recipe: Recipe, run_dir: Path) -> tuple[store.Logits, dict[str, 
 
     Every fold file is read once (all snapshots); both views are selections of it.
     """
-    every = store.load_logits(run_dir, [b.alias for b in recipe.backbones], "snapshots")
-    index = {name: i for i, name in enumerate(every.names)}
-    picks, snaps = [], {}
+    every = store.load_logits(run_dir, [b.alias for b in recipe.backbones])
+    names, snaps = [], {}
     for b in recipe.backbones:
         own = [n for n in every.names if n == b.alias or n.startswith(f"{b.alias}@s")]
         if b.train.snapshots:
-            snaps[b.alias] = _select(every, [(n, index[n]) for n in own])
-        if recipe.ensemble.members == "snapshots" or len(own) == 1:
-            picks += [(n, index[n]) for n in own]
-        else:
-            picks.append((b.alias, index[own[-1]]))  # the final model is the last snapshot
-    return _select(every, picks), snaps
-
-
-def _select(logits: store.Logits, picks: list[tuple[str, int]]) -> store.Logits:
-    """A view holding members ``picks`` = [(name, index into logits.names)]."""
-    rows = [i for _, i in picks]
-    return dataclasses.replace(
-        logits,
-        names=[name for name, _ in picks],
-        oof=logits.oof[rows],
-        test=None if logits.test is None else logits.test[rows],
-    )
+            snaps[b.alias] = store.select(every, own)
+        names += own if recipe.ensemble.members == "snapshots" else [b.alias]
+    return store.select(every, names), snaps
 
 
 def _inputs_for(name: str, members: store.Logits, snaps: dict[str, store.Logits]) -> dict[str, store.Logits]:

@@ -28,6 +28,7 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch
 from matplotlib.ticker import PercentFormatter
 
+from ensemble import store
 from ensemble.metrics import ece, reliability, softmax
 
 DPI = 110
@@ -82,15 +83,9 @@ def _read_json(path: Path) -> dict:
         raise ReportError(f"{path} is not valid JSON ({exc}); rerun the step that writes it") from None
 
 
-def _split_member(name: str) -> tuple[str, int]:
-    """'alias@s3' -> ('alias', 2); 'alias' -> ('alias', -1) (the final model)."""
-    m = re.fullmatch(r"(.+)@s(\d+)", name)
-    return (m.group(1), int(m.group(2)) - 1) if m else (name, -1)
-
-
 def _aliases(member_names: list) -> list:
     """Distinct backbone aliases in member order."""
-    return list(dict.fromkeys(_split_member(n)[0] for n in member_names))
+    return list(dict.fromkeys(re.sub(r"@s\d+$", "", n) for n in member_names))
 
 
 def _check_metrics(path: Path, metrics: dict) -> None:
@@ -100,26 +95,12 @@ def _check_metrics(path: Path, metrics: dict) -> None:
                               f"rerun `python -m ensemble.fit` to rewrite it")
 
 
-def _oof_matrix(run_dir: Path, names: list, folds: np.ndarray, n_classes: int) -> np.ndarray:
-    """(n_members, N, C) OOF logits, filled row-wise from every fold's oof_logits.npy."""
-    out = np.zeros((len(names), len(folds), n_classes), dtype=np.float32)
-    cache = {}
-    for m, name in enumerate(names):
-        alias, snap = _split_member(name)
-        for k in range(int(folds.max()) + 1):
-            rows = np.flatnonzero(folds == k)
-            path = run_dir / "members" / alias / f"fold{k}" / "oof_logits.npy"
-            if path not in cache:
-                cache[path] = np.load(_need(path), mmap_mode="r")
-            arr = cache[path]
-            fits = arr.ndim == 3 and arr.shape[1:] == (len(rows), n_classes)
-            if not (fits and -arr.shape[0] <= snap < arr.shape[0]):
-                raise ReportError(
-                    f"{path} has shape {arr.shape}; expected (S, {len(rows)}, {n_classes}) with "
-                    f"S > {snap} for member {name!r}; the file does not match folds.npy / "
-                    f"metrics.json: rerun `python -m ensemble.fit`")
-            out[m, rows] = arr[snap]
-    return out
+def _oof_matrix(run_dir: Path, names: list) -> np.ndarray:
+    """(n_members, N, C) OOF logits of the members ``names``, read through the run store."""
+    try:
+        return store.select(store.load_logits(run_dir, _aliases(names), with_test=False), names).oof
+    except store.RunError as exc:
+        raise ReportError(f"{exc}; the run does not match its metrics.json") from None
 
 
 def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
@@ -166,10 +147,14 @@ def load_run(run_dir) -> Run:
     recipe_text = _need(run_dir / "recipe.toml").read_text()
     hist, snaps = _histories(run_dir, _aliases(names), int(folds.max()) + 1)
     order, best_size = _greedy_order(run_dir, len(names))
+    oof = _oof_matrix(run_dir, names)
+    if oof.shape[-1] != len(classes):
+        raise ReportError(f"the members' OOF logits have {oof.shape[-1]} classes, metrics.json names "
+                          f"{len(classes)}; rerun `python -m ensemble.fit`")
     return Run(path=run_dir, name=_run_name(run_dir, recipe_text), date=_run_date(metrics_path),
                recipe_text=recipe_text, metrics=metrics, member_names=names, classes=classes,
                y=y.astype(np.int64), folds=folds.astype(np.int64),
-               oof_logits=_oof_matrix(run_dir, names, folds, len(classes)),
+               oof_logits=oof,
                histories=hist, snapshot_epochs=snaps, order=order, best_size=best_size)
 
 

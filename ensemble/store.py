@@ -15,9 +15,11 @@ process is killed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
@@ -147,23 +149,17 @@ class Logits:
     folds: np.ndarray
 
 
-def member_names(alias: str, n_snapshots: int, members: str) -> list[tuple[str, int]]:
-    """(member name, snapshot index) pairs a backbone contributes; index -1 is the final model."""
-    if members == "snapshots" and n_snapshots > 1:
-        return [(f"{alias}@s{i + 1}", i) for i in range(n_snapshots)]
-    return [(alias, -1)]
+def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Logits:
+    """Assemble the OOF matrix and the fold-averaged test logits of every model of ``aliases``.
 
-
-def load_logits(run_dir: Path, aliases: list[str], members: str = "final") -> Logits:
-    """Assemble the OOF matrix and the fold-averaged test logits of ``aliases``.
-
-    ``members`` = "snapshots" makes every snapshot of a snapshot backbone a member.
+    A backbone trained with S > 1 snapshots gives members ``alias@s1`` .. ``alias@sS``; one
+    without gives ``alias``. :func:`select` picks members by name from the result.
     """
     run_dir = Path(run_dir)
     folds = read_npy(run_dir / "folds.npy")
     y = read_npy(run_dir / "labels.npy")
     test_path = run_dir / "test_labels.npy"
-    y_test = read_npy(test_path) if test_path.exists() else None
+    y_test = read_npy(test_path) if with_test and test_path.exists() else None
     k = int(folds.max()) + 1
     names, oof, test = [], [], []
     for alias in aliases:
@@ -181,18 +177,16 @@ def load_logits(run_dir: Path, aliases: list[str], members: str = "final") -> Lo
             rows = np.flatnonzero(folds == fold)
             if part.shape != (s, len(rows), c):
                 raise RunError(
-                    f"{job_dir(run_dir, alias, fold) / 'oof_logits.npy'}: expected shape {(s, len(rows), c)}, "
-                    f"got {part.shape}"
+                    f"{job_dir(run_dir, alias, fold) / 'oof_logits.npy'}: shape {part.shape}, expected "
+                    f"{(s, len(rows), c)} (snapshots, rows of fold {fold}, classes); rerun `python -m ensemble.fit`"
                 )
             full[:, rows] = part
         bagged = np.mean(fold_test, axis=0) if fold_test else None
         if bagged is not None and bagged.shape != (s, len(y_test), c):
             raise RunError(f"{alias}: test logits have shape {bagged.shape}, expected {(s, len(y_test), c)}")
-        for name, i in member_names(alias, s, members):
-            names.append(name)
-            oof.append(full[i])
-            if bagged is not None:
-                test.append(bagged[i])
+        names += [f"{alias}@s{i + 1}" for i in range(s)] if s > 1 else [alias]
+        oof += list(full)
+        test += [] if bagged is None else list(bagged)
     return Logits(
         names=names,
         oof=np.stack(oof),
@@ -200,4 +194,19 @@ def load_logits(run_dir: Path, aliases: list[str], members: str = "final") -> Lo
         y=y,
         y_test=y_test,
         folds=folds,
+    )
+
+
+def select(logits: Logits, names: list[str]) -> Logits:
+    """The members ``names`` of ``logits``; a snapshot backbone's bare alias is its final (last) model."""
+    index = {}
+    for i, name in enumerate(logits.names):
+        index[name] = i
+        index[re.sub(r"@s\d+$", "", name)] = i  # the last snapshot wins
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise RunError(f"no member named {missing[0]!r} in this run (members: {', '.join(logits.names)})")
+    rows = [index[n] for n in names]
+    return dataclasses.replace(
+        logits, names=list(names), oof=logits.oof[rows], test=None if logits.test is None else logits.test[rows]
     )

@@ -281,7 +281,7 @@ def test_missing_file_is_named(tmp_path, missing):
 
 @pytest.mark.parametrize("damage, message", [
     (lambda run: np.save(run / "members/convnext_nano/fold0/oof_logits.npy", np.zeros((1, 5, 4))),
-     r"has shape \(1, 5, 4\); expected \(S, \d+, 4\)"),
+     r"fold0/oof_logits.npy: shape \(1, 5, 4\), expected \(1, \d+, 4\)"),
     (lambda run: (run / "metrics.json").write_text("{}"), "no 'member_names' key"),
     (lambda run: (run / "metrics.json").write_text("{not json"), "not valid JSON"),
     (lambda run: np.save(run / "folds.npy", np.zeros(3, dtype=np.int64)),
