@@ -10,6 +10,32 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_ARCHIVE = ROOT.parent / "shared" / "data" / "cifar10" / "train.tar.gz"
 
+# A 2-backbone digits recipe small enough for end-to-end tests (seconds per fit).
+TINY_RECIPE = """
+name = "tiny"
+seed = 0
+[data]
+source = "digits"
+per_class = 40
+test_fraction = 0.25
+image_size = 8
+[cv]
+folds = 3
+[train]
+epochs = 2
+batch_size = 32
+lr = 0.05
+augment = ["crop"]
+[[backbones]]
+name = "timm:test_resnet"
+[[backbones]]
+name = "timm:test_efficientnet"
+optimizer = "adamw"
+lr = 0.01
+[ensemble]
+combiners = ["vote", "mean", "weighted", "stacking"]
+"""
+
 sys.path.insert(0, str(Path(__file__).parent))  # tests import run_fixture as a plain module
 
 

@@ -16,38 +16,12 @@ import pytest
 from ensemble import data as data_mod
 from ensemble import fit, store
 
-from conftest import CIFAR_ARCHIVE
-
-TINY = """
-name = "tiny"
-seed = 0
-[data]
-source = "digits"
-per_class = 40
-test_fraction = 0.25
-image_size = 8
-[cv]
-folds = 3
-[train]
-epochs = 2
-batch_size = 32
-lr = 0.05
-augment = ["crop"]
-[[backbones]]
-name = "timm:test_resnet"
-[[backbones]]
-name = "timm:test_efficientnet"
-optimizer = "adamw"
-lr = 0.01
-[ensemble]
-combiners = ["vote", "mean", "weighted", "stacking"]
-"""
-
+from conftest import CIFAR_ARCHIVE, TINY_RECIPE
 
 @pytest.fixture
 def tiny_recipe(tmp_path) -> Path:
     path = tmp_path / "tiny.toml"
-    path.write_text(TINY)
+    path.write_text(TINY_RECIPE)
     return path
 
 

@@ -94,3 +94,19 @@ def test_recipe_is_frozen():
     r = recipe.load(DIGITS)
     with pytest.raises(AttributeError):
         r.train.lr = 1.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_recipes_load_and_build_every_backbone(path, tmp_path):
+    """Every recipe in recipes/ validates and each backbone (stem, model_args) runs a 32x32 batch."""
+    import torch
+
+    from ensemble import backbones
+
+    r = recipe.load(path, [f"data.path='{tmp_path}'"] if "folder" in path.read_text() else [])
+    assert r.backbones and len({b.alias for b in r.backbones}) == len(r.backbones)
+    recipe.check_backbone_names(r)
+    for b in r.backbones:
+        model = backbones.create(b.name, num_classes=10, stem=b.stem, model_args=b.model_args).eval()
+        with torch.no_grad():
+            assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10), b.alias
