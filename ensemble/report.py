@@ -100,7 +100,7 @@ def _oof_matrix(run_dir: Path, names: list) -> np.ndarray:
     try:
         return store.select(store.load_logits(run_dir, _aliases(names), with_test=False), names).oof
     except store.RunError as exc:
-        raise ReportError(f"{exc}; the run does not match its metrics.json") from None
+        raise ReportError(str(exc)) from None
 
 
 def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
