@@ -8,6 +8,8 @@ registered augmentations; `normalize` turns uint8 pixels into standardised float
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Callable, Sequence
 
 import torch
@@ -146,7 +148,14 @@ def normalize(
     if len(mean) != channels or len(std) != channels:
         raise ValueError(f"normalize needs one mean and std per channel ({channels}); got {len(mean)} and {len(std)}")
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    std_t = torch.tensor(std, dtype=torch.float64)
-    scale = (1.0 / (255.0 * std_t)).to(device=x.device, dtype=work).view(-1, 1, 1)
-    shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(device=x.device, dtype=work).view(-1, 1, 1)
+    scale, shift = _affine(tuple(mean), tuple(std), x.device, work)
     return x.to(work).mul_(scale).add_(shift).to(dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _affine(mean: tuple, std: tuple, device: torch.device, work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of :func:`normalize` on ``device``, built once: no host-to-device copy per batch."""
+    std_t = torch.tensor(std, dtype=torch.float64)
+    scale = (1.0 / (255.0 * std_t)).to(device=device, dtype=work).view(-1, 1, 1)
+    shift = (-torch.tensor(mean, dtype=torch.float64) / std_t).to(device=device, dtype=work).view(-1, 1, 1)
+    return scale, shift

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from ensemble.combiners import Combiner, restore_combiner
-from ensemble.store import atomic_write
+from ensemble.store import atomic_write, write_text
 
 FORMAT = 1
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.+@-]+$")
@@ -45,7 +45,6 @@ def save_combiner(
     """
     name = _check_name(combiner.name if name is None else name)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state, arrays = combiner.get_state()
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     for key, arr in arrays.items():
@@ -56,7 +55,7 @@ def save_combiner(
     doc = {"format": FORMAT, "class": combiner.name, **state}
     text = json.dumps(doc, indent=1, allow_nan=False)  # fails early if not JSON-able
     atomic_write(directory / f"{name}.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
-    atomic_write(directory / f"{name}.json", lambda f: f.write(text.encode("utf-8")))
+    write_text(directory / f"{name}.json", text)
     return directory / f"{name}.json"
 
 

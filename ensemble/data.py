@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 from tqdm import tqdm
 
-from .store import atomic_write
+from .store import write_npy, write_text
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
@@ -263,10 +263,10 @@ def _write_cache(folder: Path, key: dict, train: Images, test: Images | None) ->
     if test is not None:
         arrays |= {"test_x": test.x, "test_y": test.y}
     for name, t in arrays.items():
-        atomic_write(folder / f"{name}.npy", lambda f, t=t: np.save(f, t.numpy(), allow_pickle=False))
+        write_npy(folder / f"{name}.npy", t.numpy())
     about = {k: v for k, v in key.items() if k != "files"} | ({"n_files": len(key["files"])} if "files" in key else {})
     meta = {"classes": list(train.classes), "arrays": list(arrays), "key": about}
-    atomic_write(folder / "meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))  # last: marks complete
+    write_text(folder / "meta.json", json.dumps(meta, indent=1))  # last: marks complete
 
 
 # --------------------------------------------------------------------------- built-in sources

@@ -98,8 +98,7 @@ def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -
     store.write_npy(run_dir / "folds.npy", folds)
 
 
-def train_members(recipe: Recipe, dataset, run_dir: Path, args: argparse.Namespace) -> None:
-    folds = store.read_npy(run_dir / "folds.npy")
+def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, args: argparse.Namespace) -> None:
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     recipe_mod.check_backbone_names(recipe, {j.alias for j in pending})
@@ -141,7 +140,7 @@ def run(args: argparse.Namespace) -> Path:
     print(f"data: {len(dataset.train.y)} training images, "
           f"{0 if dataset.test is None else len(dataset.test.y)} test, {len(dataset.train.classes)} classes "
           f"({time.perf_counter() - t0:.1f} s)")
-    train_members(recipe, dataset, run_dir, args)
+    train_members(recipe, dataset, folds, run_dir, args)
     combine_and_report(recipe, run_dir, args)
     print(f"done in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir

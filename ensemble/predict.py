@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import backbones, store
 from . import combiners as comb
 from .combiner_store import CombinerStateError, load_combiner
-from .data import ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images
+from .data import _PIL_ERRORS, ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images
 from .evaluate import SCALARS, split_metrics
 from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
 from .store import RunError
@@ -48,7 +48,6 @@ else:  # pragma: no cover
 
 # Formats that can run code when loaded; a run never needs them, so they are never opened.
 UNSAFE_SUFFIXES = (".pkl", ".pickle", ".joblib", ".pt", ".pth", ".ckpt", ".bin", ".dill")
-_PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
 # --------------------------------------------------------------------------- the run

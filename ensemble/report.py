@@ -85,7 +85,7 @@ def _read_json(path: Path) -> dict:
 
 def _aliases(member_names: list) -> list:
     """Distinct backbone aliases in member order."""
-    return list(dict.fromkeys(re.sub(r"@s\d+$", "", n) for n in member_names))
+    return list(dict.fromkeys(map(store.base_alias, member_names)))
 
 
 def _check_metrics(path: Path, metrics: dict) -> None:
@@ -107,7 +107,7 @@ def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
     """alias -> [epoch dicts per fold], alias -> sorted snapshot epochs (union over folds)."""
     hist, snaps = {}, {}
     for alias in aliases:
-        per_fold = [_read_json(run_dir / "members" / alias / f"fold{k}" / "history.json")
+        per_fold = [_read_json(store.job_dir(run_dir, alias, k) / "history.json")
                     for k in range(n_folds)]
         hist[alias] = [h.get("epochs", []) for h in per_fold]
         snaps[alias] = sorted({int(e) for h in per_fold for e in h.get("snapshot_epochs", [])})

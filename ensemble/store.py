@@ -197,12 +197,17 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
     )
 
 
+def base_alias(name: str) -> str:
+    """The backbone alias of a member name: ``alias@s3`` -> ``alias``."""
+    return re.sub(r"@s\d+$", "", name)
+
+
 def select(logits: Logits, names: list[str]) -> Logits:
     """The members ``names`` of ``logits``; a snapshot backbone's bare alias is its final (last) model."""
     index = {}
     for i, name in enumerate(logits.names):
         index[name] = i
-        index[re.sub(r"@s\d+$", "", name)] = i  # the last snapshot wins
+        index[base_alias(name)] = i  # the last snapshot wins
     missing = [n for n in names if n not in index]
     if missing:
         raise RunError(f"no member named {missing[0]!r} in this run (members: {', '.join(logits.names)})")

@@ -281,8 +281,8 @@ def train_member(
             states.append(_state_on_cpu(step.model))
     bar.close()
     return MemberOutput(
-        oof_logits=np.stack(oof).astype(np.float32),
-        test_logits=np.stack(test).astype(np.float32) if test_x is not None else None,
+        oof_logits=np.stack(oof),
+        test_logits=np.stack(test) if test_x is not None else None,
         history=history,
         states=states,
     )
