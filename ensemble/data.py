@@ -528,53 +528,15 @@ def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def read_images(path: str | Path, image_size: int, channels: int | None = None,
-                progress: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """Unlabelled images for prediction: an image file, a folder (recursive) or a tar of them.
-
-    Returns uint8 (N, C, image_size, image_size) and the image names, sorted by path.
-    `channels` (1 or 3) forces grayscale or RGB to match a trained model.
-    """
-    root = Path(path).expanduser().resolve()
-    if not root.exists():
-        raise DataError(f"'{root}' does not exist; give an image, a folder of images or a tar of them")
-    if root.is_dir():
-        files, _ = _walk_tree(root)
-        names = ["/".join(p) for p in files]
-        blobs = [(root / n).read_bytes() for n in names]
-    elif _is_image(root.name):
-        names, blobs = [root.name], [root.read_bytes()]
-    else:
-        names, blobs = _read_archive_members(root)
-    if not names:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{root}'")
-    x = _decode_blobs(blobs, names, image_size, progress)
-    return _to_channels(x, channels), names
-
-
 def decode_images(blobs: list[bytes], names: list[str], image_size: int, channels: int | None = None) -> torch.Tensor:
     """Encoded images to uint8 (N, C, image_size, image_size), decoded and resized as training data is.
 
-    `channels` (1 or 3) converts as :func:`read_images` does. Raises DataError naming the first
+    `channels` (1 or 3) forces grayscale or RGB to match a trained model. Raises DataError naming the first
     image that cannot be decoded (predict then decodes that batch one by one to report each file).
     """
     if not blobs:
         raise ValueError("decode_images needs at least one image")
     return _to_channels(_decode_blobs(blobs, names, image_size, progress=False), channels)
-
-
-def _read_archive_members(path: Path) -> tuple[list[str], list[bytes]]:
-    found = []
-    try:
-        with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-                if m.isfile() and parts and not _hidden(parts) and _is_image(parts[-1]):
-                    found.append(("/".join(parts), tf.extractfile(m).read()))
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise DataError(f"cannot read '{path}' as an image or a tar archive ({err})") from err
-    found.sort()
-    return [n for n, _ in found], [b for _, b in found]
 
 
 def _to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 from ensemble import data
-from ensemble.data import DataError, Dataset, Images, load_dataset, read_images, resize
+from ensemble.data import DataError, Dataset, Images, decode_images, load_dataset, resize
 
 CLASSES = ("cat", "dog", "emu")
 
@@ -229,13 +229,14 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     assert torch.equal(again.train.x, first.train.x)
 
 
-def test_read_images_for_prediction(tmp_path):
+def test_decode_images_resizes_and_converts_channels(tmp_path):
     tree = make_tree(tmp_path / "new", classes=("x",), per_class=2, size=(20, 20))
-    x, names = read_images(tree, 10)
-    assert x.shape == (2, 3, 10, 10) and names == ["x/00.png", "x/01.png"]
-    gray, names = read_images(tree / "x" / "00.png", 20, channels=1)
-    assert gray.shape == (1, 1, 20, 20) and names == ["00.png"]
-    expected = np.asarray(Image.open(tree / "x" / "00.png").convert("L"), dtype=int)
+    paths = sorted((tree / "x").iterdir())
+    blobs, names = [p.read_bytes() for p in paths], [p.name for p in paths]
+    assert decode_images(blobs, names, 10).shape == (2, 3, 10, 10)
+    gray = decode_images(blobs[:1], names[:1], 20, channels=1)
+    assert gray.shape == (1, 1, 20, 20)
+    expected = np.asarray(Image.open(paths[0]).convert("L"), dtype=int)
     assert np.abs(gray[0, 0].numpy().astype(int) - expected).max() <= 1  # PIL's luma weights
 
 
