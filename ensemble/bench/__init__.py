@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "combiners": "ensemble.bench.combiners",
     "predict": "ensemble.bench.predict",
     "train": "ensemble.bench.train",
+    "unseen": "ensemble.bench.unseen",
 }
 
 

@@ -1,0 +1,112 @@
+"""`python -m ensemble.bench unseen`: a finished run scored on its source's images it never used."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from sklearn.datasets import load_digits
+
+from ensemble import fit, predict
+from ensemble.bench import unseen
+from ensemble.data import Images, keep_per_class
+from ensemble.store import read_json
+
+PER_CLASS, EXTRA = 20, 10  # the run keeps 20 images of each class; 10 more of each are unseen
+
+RECIPE = """
+name = "unseen"
+seed = 0
+[data]
+source = "folder"
+path = "{tree}"
+per_class = 20
+test_fraction = 0.25
+image_size = 8
+[cv]
+folds = 2
+[train]
+epochs = 2
+batch_size = 16
+lr = 0.05
+[[backbones]]
+name = "timm:test_resnet"
+[[backbones]]
+name = "timm:test_efficientnet"
+[ensemble]
+combiners = ["mean", "weighted"]
+"""
+
+
+def digits_tree(root: Path, first: int = 0, count: int = PER_CLASS + EXTRA) -> Path:
+    """Digits 0-2 as 8x8 PNGs root/<digit>/<i>.png for i in first..first+count-1 (file order = source order)."""
+    digits = load_digits()
+    for c in range(3):
+        (root / str(c)).mkdir(parents=True, exist_ok=True)
+        images = digits.images[digits.target == c]
+        for i in range(first, first + count):
+            Image.fromarray((images[i] * 255 / 16).astype(np.uint8), mode="L").save(root / str(c) / f"{i:02d}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("unseen")
+    tree = digits_tree(root / "digits")
+    (root / "unseen.toml").write_text(RECIPE.format(tree=tree))
+    cache = root / "cache"
+    rc = fit.main([str(root / "unseen.toml"), "--out", str(root / "run"), "--quiet", "--no-report",
+                   "--cache", str(cache)])
+    assert rc == 0
+    return {"root": root, "tree": tree, "run": root / "run", "cache": cache}
+
+
+def test_unseen_indices_never_touch_the_kept_images():
+    y = torch.tensor([0, 1, 0, 0, 1, 2, 1, 0, 2, 2, 1, 0])
+    kept = keep_per_class(Images(torch.zeros(len(y), 1, 2, 2, dtype=torch.uint8), y, ("a", "b", "c")), 2)
+    idx = unseen.unseen_indices(y.numpy(), per_class=2, n=2)
+    assert idx.tolist() == [3, 6, 7, 9, 10]  # images 3-4 of each class, as many as exist
+    assert len(kept.y) == 6 and not set(idx) & {0, 1, 2, 4, 5, 8}
+
+
+def test_scores_agree_with_predict_on_the_same_files(finished, tmp_path, capsys):
+    rc = unseen.main([str(finished["run"]), "--images-per-class", "5", "--cache", str(finished["cache"])])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "on 15 unseen images the best combiner" in out
+    for name in ("test_resnet", "test_efficientnet", "mean", "weighted"):
+        assert f" {name} " in out
+
+    # The same images as files 20-24 of each class, scored by predict with each combiner.
+    run = predict.load_run(finished["run"])
+    cfg, seed = unseen.data_config(run, None)
+    images = unseen.load_unseen(run, cfg, seed, finished["cache"], 5)
+    result = unseen.evaluate(run, images, torch.device("cpu"))
+    subset = digits_tree(tmp_path / "subset", first=PER_CLASS, count=5)
+    for method in ("mean", "weighted"):
+        csv = tmp_path / f"{method}.csv"
+        assert predict.main([str(finished["run"]), str(subset), "--method", method, "--out", str(csv),
+                             "--quiet"]) == 0
+        got = read_json(predict.metrics_path(csv))["metrics"]
+        assert got["accuracy"] == pytest.approx(result["combiners"][method]["accuracy"])
+        assert got["nll"] == pytest.approx(result["combiners"][method]["nll"], rel=1e-5)
+
+
+def test_refuses_images_that_are_not_the_runs(finished, tmp_path, capsys):
+    other = Path(shutil.copytree(finished["tree"], tmp_path / "other"))
+    Image.new("L", (8, 8), 255).save(other / "1" / "03.png")  # one kept image differs
+    rc = unseen.main([str(finished["run"]), "--path", str(other), "--cache", str(tmp_path / "cache")])
+    assert rc == 2
+    assert "are not the ones the run used" in capsys.readouterr().err
+
+
+def test_refuses_a_run_without_a_per_class_subset(finished, tmp_path, capsys):
+    run = Path(shutil.copytree(finished["run"], tmp_path / "run"))
+    recipe = (run / "recipe.toml").read_text()
+    (run / "recipe.toml").write_text(recipe.replace("per_class = 20", "per_class = 0"))
+    assert unseen.main([str(run)]) == 2
+    assert "only a folder-source run that kept the first data.per_class images" in capsys.readouterr().err
