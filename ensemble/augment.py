@@ -23,7 +23,10 @@ def flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-def crop(x: torch.Tensor, generator: torch.Generator, pad: int = 4, mode: str = "reflect") -> torch.Tensor:
+CROP_PAD, CROP_MODE = 4, "reflect"  # "crop" in a recipe, and the fused flip_crop
+
+
+def crop(x: torch.Tensor, generator: torch.Generator, pad: int = CROP_PAD, mode: str = CROP_MODE) -> torch.Tensor:
     """Random crop of (N, C, H, W) back to (H, W) from the image padded by `pad` pixels.
 
     `mode` is "reflect" (mirror the border, no black edges) or "zeros" (a random
@@ -39,7 +42,7 @@ def flip_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     `make_augment` uses it wherever "flip" is directly followed by "crop".
     """
-    return _window(x, generator, 4, "reflect", _flip_mask(len(x), x.device, generator))
+    return _window(x, generator, CROP_PAD, CROP_MODE, _flip_mask(len(x), x.device, generator))
 
 
 def _flip_mask(n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -149,7 +152,7 @@ def normalize(
         raise ValueError(f"normalize needs one mean and std per channel ({channels}); got {len(mean)} and {len(std)}")
     work = torch.float64 if dtype == torch.float64 else torch.float32
     scale, shift = _affine(tuple(mean), tuple(std), x.device, work)
-    return x.to(work).mul_(scale).add_(shift).to(dtype)
+    return x.to(work, copy=True).mul_(scale).add_(shift).to(dtype)  # never scales the caller's tensor
 
 
 @functools.lru_cache(maxsize=32)

@@ -91,6 +91,14 @@ def load_dataset(cfg, cache_dir: Path, seed: int, progress: bool = True) -> Data
     image_size and download. `seed` drives the stratified `test_fraction` hold-out.
     Raises DataError for anything the user has to fix.
     """
+    return select(*read_source(cfg, cache_dir, progress), cfg, seed)
+
+
+def read_source(cfg, cache_dir: Path, progress: bool = True) -> tuple[Images, Images | None]:
+    """Every image of the recipe's source, and of ``data.test_path`` when given (decoded once, cached).
+
+    Raises DataError for anything the user has to fix in `cfg`.
+    """
     if cfg.source not in SOURCES:
         raise DataError(f"data.source = {cfg.source!r} is unknown; use one of: {', '.join(SOURCES)}")
     if not isinstance(cfg.image_size, int) or cfg.image_size < 1:
@@ -106,6 +114,11 @@ def load_dataset(cfg, cache_dir: Path, seed: int, progress: bool = True) -> Data
     train, test = _load_source(cfg, cache_dir, progress)
     if cfg.test_path:
         test = _match_classes(train, _load_folder_cached(cfg.test_path, "data.test_path", cfg, cache_dir, progress))
+    return train, test
+
+
+def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
+    """The recipe's images from its source: ``per_class``, then the ``test_fraction`` hold-out."""
     train = keep_per_class(train, cfg.per_class)
     if cfg.test_fraction > 0:
         train, test = hold_out(train, cfg.test_fraction, seed)
@@ -258,7 +271,6 @@ def _read_cache(folder: Path) -> tuple[Images, Images | None] | None:
 
 
 def _write_cache(folder: Path, key: dict, train: Images, test: Images | None) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
     arrays = {"train_x": train.x, "train_y": train.y}
     if test is not None:
         arrays |= {"test_x": test.x, "test_y": test.y}

@@ -63,7 +63,7 @@ def member_sets(recipe: Recipe, run_dir: Path) -> tuple[store.Logits, dict[str, 
     every = store.load_logits(run_dir, [b.alias for b in recipe.backbones])
     names, snaps = [], {}
     for b in recipe.backbones:
-        own = [n for n in every.names if n == b.alias or n.startswith(f"{b.alias}@s")]
+        own = [n for n in every.names if store.base_alias(n) == b.alias]
         if b.train.snapshots:
             snaps[b.alias] = store.select(every, own)
         names += own if recipe.ensemble.members == "snapshots" else [b.alias]

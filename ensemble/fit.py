@@ -103,15 +103,7 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, arg
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     recipe_mod.check_backbone_names(recipe, {j.alias for j in pending})
     print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
-    data = jobs_mod.SharedData(
-        x=dataset.train.x.numpy(),
-        y=dataset.train.y.numpy(),
-        folds=folds,
-        x_test=None if dataset.test is None else dataset.test.x.numpy(),
-        mean=tuple(dataset.mean),
-        std=tuple(dataset.std),
-        n_classes=len(dataset.train.classes),
-    )
+    data = jobs_mod.SharedData.from_dataset(dataset, folds)
     with jobs_mod.cluster(args.backend, args.scheduler, args.address):
         results = jobs_mod.run_all(
             pending, data, run_dir, args.jobs, args.backend, not args.quiet, gpus_per_job=args.gpus_per_job

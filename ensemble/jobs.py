@@ -48,6 +48,19 @@ class SharedData:
     std: tuple[float, ...]
     n_classes: int
 
+    @classmethod
+    def from_dataset(cls, dataset, folds: np.ndarray) -> "SharedData":
+        """The arrays of a :class:`ensemble.data.Dataset` and its fold split."""
+        return cls(
+            x=dataset.train.x.numpy(),
+            y=dataset.train.y.numpy(),
+            folds=folds,
+            x_test=None if dataset.test is None else dataset.test.x.numpy(),
+            mean=tuple(dataset.mean),
+            std=tuple(dataset.std),
+            n_classes=len(dataset.train.classes),
+        )
+
 
 def _shaping(b: BackboneConfig) -> dict:
     d = dataclasses.asdict(b)
@@ -86,38 +99,33 @@ def run_job(
     run_dir: Path,
     threads: int,
     progress: bool,
-    device: str | None = None,
     gpu_slots: int = 0,
 ) -> dict:
     """Train one (backbone, fold) job and write its files; returns a one-line summary dict.
 
     ``threads`` > 0 sets torch's CPU threads for this job (restored after); 0 keeps the
-    process's own setting (a Dask or Ray worker's OMP_NUM_THREADS). ``device`` overrides
-    the recipe's. ``gpu_slots`` > 0 (local runs with several GPUs) makes the job hold
-    one of that many slots while it runs, slot s on GPU s mod n_gpus: concurrent jobs
-    spread over the GPUs instead of piling onto one. ``data`` may be a Ray ObjectRef.
+    process's own setting (a Dask or Ray worker's OMP_NUM_THREADS). ``gpu_slots`` > 0
+    (local runs with several GPUs) makes the job hold one of that many slots while it
+    runs, slot s on GPU s mod n_gpus: concurrent jobs spread over the GPUs instead of
+    piling onto one.
     """
-    data = _resolve(data)
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
     try:
-        wants_gpu = job.backbone.train.device in ("auto", "cuda") and device is None
-        if gpu_slots and wants_gpu and torch.cuda.device_count() > 1:
+        if gpu_slots and job.backbone.train.device in ("auto", "cuda"):
             with claim_gpu(Path(run_dir) / ".gpu-slots", gpu_slots, torch.cuda.device_count()) as gpu:
                 return _train_and_write(job, data, run_dir, progress, f"cuda:{gpu}")
-        return _train_and_write(job, data, run_dir, progress, device)
+        return _train_and_write(job, data, run_dir, progress, None)
     finally:
         torch.set_num_threads(previous)
 
 
-def _resolve(data):
-    """The SharedData itself, fetched first when a Ray backend passed an ObjectRef to it."""
-    if type(data).__name__ == "ObjectRef":
-        import ray
+def _run_job_ray(job: Job, data_ref, run_dir: Path, threads: int, progress: bool) -> dict:
+    """:func:`run_job` on the SharedData behind a Ray ObjectRef (joblib's Ray backend passes it as is)."""
+    import ray
 
-        return ray.get(data)
-    return data
+    return run_job(job, ray.get(data_ref), run_dir, threads, progress)
 
 
 def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, device: str | None) -> dict:
@@ -243,11 +251,9 @@ def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, pr
     from joblib import Parallel, delayed
 
     threads = _threads_per_job(n_jobs)
-    slots = max(n_jobs, torch.cuda.device_count()) if torch.cuda.device_count() > 1 else 0
-    if n_jobs == 1:
-        for job in jobs:
-            yield run_job(job, data, run_dir, threads, progress, gpu_slots=slots)
-        return
+    n_gpus = torch.cuda.device_count()
+    slots = max(n_jobs, n_gpus) if n_gpus > 1 else 0
+    # n_jobs = 1: joblib runs the calls one by one in this process
     calls = (delayed(run_job)(job, data, run_dir, threads, progress, gpu_slots=slots) for job in jobs)
     yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(calls)
 
@@ -303,7 +309,7 @@ def _run_ray(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int | Non
         for job in jobs:
             yield ray.get(remote.remote(job, shared, run_dir, 0, False))
         return
-    calls = (delayed(run_job)(job, shared, run_dir, 0, False) for job in jobs)
+    calls = (delayed(_run_job_ray)(job, shared, run_dir, 0, False) for job in jobs)
     with parallel_config(backend="ray", ray_remote_args={"num_gpus": gpus} if gpus else {}):
         results = Parallel(n_jobs=n, batch_size=1, return_as="list")(calls)
     yield from results

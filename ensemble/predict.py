@@ -613,13 +613,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def inference_device(name: str) -> torch.device:
+    """The device ``--device name`` asks for; RunError when it cannot be had."""
+    try:
+        return resolve_device(name)
+    except (ValueError, RuntimeError) as exc:
+        raise RunError(f"--device {name!r}: {exc}") from None
+
+
 def predict(run: Run, args: argparse.Namespace) -> int:
     """Predict ``args.inputs`` with ``run``; returns the exit status (0, or 1 when inputs failed)."""
     name, combiner, members = load_method(run, args.method)
-    try:
-        device = resolve_device(args.device)
-    except (ValueError, RuntimeError) as exc:
-        raise RunError(f"--device {args.device!r}: {exc}") from None
+    device = inference_device(args.device)
     models = load_members(run, members, device)
     start = time.perf_counter()
     inputs = read_inputs(args.inputs, run.data, progress=not args.quiet)

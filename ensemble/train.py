@@ -157,7 +157,7 @@ class TrainStep:
         self.forward = torch.compile(self.model) if cfg.compile else self.model
         self.optimizer = make_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_factor(cfg, total_steps))
-        self.augment: Augment = make_augment(list(cfg.augment))
+        self.augment: Augment = make_augment(cfg.augment)
         self.label_smoothing = cfg.label_smoothing
         self.mean, self.std, self.device = mean, std, device
 

@@ -89,8 +89,7 @@ def test_a_job_rerun_in_this_process_gives_the_bits_a_worker_wrote(local_run, tm
     dataset = load_dataset(recipe.data, local_run.parent / "cache", recipe.seed, progress=False)
     folds = np.load(local_run / "folds.npy")
     job = jobs.plan(recipe, dataset.fingerprint, folds)[-1]  # test_efficientnet, fold 1
-    data = jobs.SharedData(dataset.train.x.numpy(), dataset.train.y.numpy(), folds, None,
-                           tuple(dataset.mean), tuple(dataset.std), len(dataset.train.classes))
+    data = jobs.SharedData.from_dataset(dataset, folds)
     worker = local_run / "members" / job.alias / f"fold{job.fold}"
     threads = json.loads((worker / "meta.json").read_text())["threads"]
     before = torch.get_num_threads()

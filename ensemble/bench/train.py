@@ -80,11 +80,13 @@ def extract_subset(archive: Path, per_class: int, out: Path) -> int:
 
     The archive holds ``[top/]<class>/<image>`` members; returns the number of images written.
     """
+    from ensemble import data
+
     counts: dict[str, int] = {}
     with tarfile.open(archive, mode="r|*") as tf:
         for member in tf:
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
-            if not member.isfile() or len(parts) < 2 or parts[-1].startswith("."):
+            if not member.isfile() or len(parts) < 2 or data._hidden(tuple(parts)) or not data._is_image(parts[-1]):
                 continue
             label = parts[-2]
             if counts.get(label, 0) >= per_class:
@@ -171,11 +173,10 @@ def model_loop(args, cfg, n_classes: int) -> Callable[[], float]:
     return rounds_of(run, args.warmup, args.steps)
 
 
-def toolkit_loop(args, cfg, x, y, mean, std) -> Callable[[], float]:
+def toolkit_loop(args, cfg, x, y, mean, std, n_classes: int) -> Callable[[], float]:
     """(b): a round = ``train.run_epoch`` over the timed steps with the toolkit's ``TrainStep``."""
     from ensemble.train import TrainStep, run_epoch
 
-    n_classes = int(y.max()) + 1
     cpu = torch.device("cpu")
     model = make_model(args.backbone, n_classes, False)
     step = TrainStep(model, cfg, args.warmup + args.rounds * args.steps, mean, std, cpu)
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
               f"load average {os.getloadavg()[0]:.2f}", flush=True)
         loops = {
             "a": model_loop(args, cfg, n_classes),
-            "b": toolkit_loop(args, cfg, x, y, mean, std),
+            "b": toolkit_loop(args, cfg, x, y, mean, std, n_classes),
             "c": classic_loop(args, cfg, folder, mean, std, n_classes),
         }
         seconds = measure(loops, args.rounds)

@@ -27,14 +27,8 @@ import torch
 
 from ensemble import data, metrics, predict, store
 from ensemble.fit import default_cache_dir
-from ensemble.recipe import RecipeError, from_dict
+from ensemble.recipe import RecipeError, load
 from ensemble.store import RunError
-from ensemble.train import resolve_device
-
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover
-    import tomli as tomllib
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -61,11 +55,10 @@ def unseen_indices(y: np.ndarray, per_class: int, n: int) -> np.ndarray:
 
 def data_config(run: predict.Run, path: str | None):
     """The run's [data] section (predict ignores it) and seed; the data must be a per_class subset of a folder."""
-    recipe_path = run.dir / "recipe.toml"
     try:
-        recipe = from_dict(tomllib.loads(recipe_path.read_text()), str(recipe_path))
-    except (OSError, tomllib.TOMLDecodeError, RecipeError) as exc:
-        raise RunError(f"{recipe_path}: {exc}") from None
+        recipe = load(run.dir / "recipe.toml")
+    except (OSError, RecipeError) as exc:
+        raise RunError(f"{run.dir}: {exc}") from None
     cfg = recipe.data
     if cfg.source != "folder" or cfg.per_class <= 0:
         raise RunError(
@@ -76,23 +69,22 @@ def data_config(run: predict.Run, path: str | None):
 
 
 def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int) -> data.Images:
-    """Rebuild the run's subset (fingerprint checked), then take the images after it."""
+    """Rebuild the run's subset from the source (fingerprint checked), then take the images after it."""
     try:
-        used = data.load_dataset(cfg, cache, seed)
-        recorded = store.read_json(run.dir / "data.json").get("fingerprint")
-        if used.fingerprint != recorded:
-            raise RunError(
-                f"{cfg.path}: the images it gives for this recipe (fingerprint {used.fingerprint}) are not the "
-                f"ones the run used ({recorded}, data.json); give the run's own folder or archive with --path"
-            )
-        full = data.load_dataset(dataclasses.replace(cfg, per_class=0, test_fraction=0.0), cache, seed)
+        source, source_test = data.read_source(cfg, cache)
+        used = data.select(source, source_test, cfg, seed)
     except data.DataError as exc:
         raise RunError(str(exc)) from None
-    y = full.train.y.numpy()
-    idx = unseen_indices(y, cfg.per_class, per_class_n)
+    recorded = store.read_json(run.dir / "data.json").get("fingerprint")
+    if used.fingerprint != recorded:
+        raise RunError(
+            f"{cfg.path}: the images it gives for this recipe (fingerprint {used.fingerprint}) are not the "
+            f"ones the run used ({recorded}, data.json); give the run's own folder or archive with --path"
+        )
+    idx = unseen_indices(source.y.numpy(), cfg.per_class, per_class_n)
     if not len(idx):
         raise RunError(f"{cfg.path}: no class has more than data.per_class = {cfg.per_class} images; nothing is unseen")
-    return data._subset(full.train, idx)
+    return data._subset(source, idx)
 
 
 def evaluate(run: predict.Run, images: data.Images, device: torch.device) -> dict[str, dict]:
@@ -100,12 +92,15 @@ def evaluate(run: predict.Run, images: data.Images, device: torch.device) -> dic
     if run.combiners is None:
         raise RunError(f"{run.dir}: no fitted combiner; complete it with `{predict.fit_command(run.dir)}`")
     fitted = {name: predict.load_method(run, name) for name in run.combiners}
-    names = [b.alias for b in run.recipe.backbones]
-    names += [m.name for _, _, members in fitted.values() for m in members if m.name not in names]
-    logits = {}
-    for name in names:  # one member's fold models in memory at a time
-        models = predict.load_members(run, [predict.resolve_member(run, name)], device)
-        logits[name] = predict.member_logits(models, images.x, run.data.mean, run.data.std, device)[0]
+    members = {b.alias: predict.resolve_member(run, b.alias) for b in run.recipe.backbones}
+    members |= {m.name: m for _, _, ms in fitted.values() for m in ms}
+    by_weights = {}  # `alias` and `alias@sS` (the final snapshot) are the same models: predicted once
+    for m in members.values():
+        key = (m.backbone.alias, m.weights)
+        if key not in by_weights:  # one member's fold models in memory at a time
+            models = predict.load_members(run, [m], device)
+            by_weights[key] = predict.member_logits(models, images.x, run.data.mean, run.data.std, device)[0]
+    logits = {name: by_weights[(m.backbone.alias, m.weights)] for name, m in members.items()}
     y, n_classes = images.y.numpy(), len(run.data.classes)
     out = {"members": {}, "combiners": {}}
     for b in run.recipe.backbones:
@@ -140,10 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run = predict.load_run(args.run)
         cfg, seed = data_config(run, args.path)
-        try:
-            device = resolve_device(args.device)
-        except (ValueError, RuntimeError) as exc:
-            raise RunError(f"--device {args.device!r}: {exc}") from None
+        device = predict.inference_device(args.device)
         images = load_unseen(run, cfg, seed, args.cache or default_cache_dir(), args.images_per_class)
         result = evaluate(run, images, device)
         recorded = store.read_json(run.dir / "metrics.json") if (run.dir / "metrics.json").is_file() else {}
