@@ -98,10 +98,26 @@ def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -
     store.write_npy(run_dir / "folds.npy", folds)
 
 
+def check_devices(recipe: Recipe, aliases: set[str]) -> None:
+    """Fail before training when a backbone about to train asks for a device this machine lacks."""
+    from .train import resolve_device
+
+    for i, b in enumerate(recipe.backbones):
+        if b.alias not in aliases:
+            continue
+        try:
+            resolve_device(b.train.device)
+        except ValueError as exc:
+            key = "train.device" if b.train.device == recipe.train.device else f"backbones[{i}].device"
+            raise recipe.error(key, f"cannot be used on this machine: {exc}") from None
+
+
 def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, args: argparse.Namespace) -> None:
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     recipe_mod.check_backbone_names(recipe, {j.alias for j in pending})
+    if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
+        check_devices(recipe, {j.alias for j in pending})
     print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
     data = jobs_mod.SharedData.from_dataset(dataset, folds)
     with jobs_mod.cluster(args.backend, args.scheduler, args.address):

@@ -43,8 +43,12 @@ def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"train.device = {name!r} but no CUDA device is available; use 'auto' or 'cpu'")
+    if device.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{name!r} asks for CUDA, but no CUDA device is available; use 'auto' or 'cpu'")
+        if device.index is not None and device.index >= n:
+            raise ValueError(f"{name!r} asks for CUDA device {device.index}, but there are {n} (cuda:0..cuda:{n - 1})")
     return device
 
 

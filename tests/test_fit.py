@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -162,3 +163,41 @@ def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, ses
     assert info["channels"] == 3 and info["image_size"] == 32
     assert store.load_logits(run, ["test_resnet"]).oof.shape == (1, 200, 10)
 
+
+
+DEVICES = [  # (device, CUDA devices the machine has, error fragment or None)
+    ("auto", 0, None),
+    ("cpu", 0, None),
+    ("cuda", 0, "no CUDA device is available"),
+    ("cuda:0", 1, None),
+    ("cuda:1", 1, "asks for CUDA device 1, but there are 1 (cuda:0..cuda:0)"),
+]
+
+
+@pytest.mark.parametrize("device, n_gpus, message", DEVICES, ids=[f"{d}-{n}gpu" for d, n, _ in DEVICES])
+def test_resolve_device(monkeypatch, device, n_gpus, message):
+    import torch
+
+    from ensemble.train import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: n_gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: n_gpus)
+    if message is None:
+        assert resolve_device(device).type == ("cuda" if device.startswith("cuda") else "cpu")
+    else:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            resolve_device(device)
+
+
+@pytest.mark.parametrize("override, key", [("train.device='cuda'", "train.device"),
+                                           ("backbones.1.device='cuda:3'", "backbones[1].device")])
+def test_fit_refuses_a_missing_device_before_training(tiny_recipe, tmp_path, session_cache, capsys, monkeypatch,
+                                                      override, key):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", override)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: tiny.toml: {key} cannot be used on this machine: ") and "use 'auto' or 'cpu'" in err
+    assert not list(run.glob("members/*/fold*"))  # nothing was trained
