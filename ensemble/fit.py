@@ -19,6 +19,7 @@ from . import recipe as recipe_mod
 from . import store
 from .evaluate import build_combiners, evaluate
 from .recipe import Recipe, RecipeError
+from .train import DivergedError
 
 
 def default_cache_dir() -> Path:
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except DivergedError as exc:
+        print(f"error: {exc}; finished jobs are kept", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted: finished jobs are kept; run the same command again to resume", file=sys.stderr)
         return 130

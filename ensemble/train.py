@@ -28,6 +28,10 @@ from .augment import Augment, make_augment, normalize
 from .recipe import TrainConfig
 
 
+class DivergedError(RuntimeError):
+    """Training produced a non-finite loss or non-finite held-out logits."""
+
+
 @dataclass
 class MemberOutput:
     """What one (backbone, fold) job produces; S = number of kept snapshots (1 without)."""
@@ -276,6 +280,13 @@ def train_member(
             "val_acc": (val_logits.argmax(1) == val[1]).float().mean().item(),
             "seconds": time.perf_counter() - t0,
         }
+        if not math.isfinite(row["train_loss"]) or not torch.isfinite(val_logits).all():
+            bar.close()
+            what = f"train loss {row['train_loss']:g}" if not math.isfinite(row["train_loss"]) else "held-out logits"
+            raise DivergedError(
+                f"{desc or 'training'} diverged in epoch {epoch} ({what} not finite): "
+                f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
+            )
         history["epochs"].append(row)
         bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
         if epoch in keep:

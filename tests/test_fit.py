@@ -201,3 +201,13 @@ def test_fit_refuses_a_missing_device_before_training(tiny_recipe, tmp_path, ses
     err = capsys.readouterr().err
     assert err.startswith(f"error: tiny.toml: {key} cannot be used on this machine: ") and "use 'auto' or 'cpu'" in err
     assert not list(run.glob("members/*/fold*"))  # nothing was trained
+
+
+def test_a_diverged_job_stops_fit_with_a_clear_error(tiny_recipe, tmp_path, session_cache, capsys):
+    run = tmp_path / "run"
+    args = fit_args(tiny_recipe, run, session_cache, "--set", "train.lr=1e8", "--set", "train.epochs=1",
+                    "--set", "backbones=[{name='timm:test_resnet'}]")
+    assert fit.main(args) == 1
+    err = capsys.readouterr().err
+    assert "error: test_resnet fold0 diverged in epoch 1 (train loss nan not finite): lower its lr (now 1e+08)" in err
+    assert not list(run.glob("members/*/fold*/done.json")) and not (run / "metrics.json").exists()
