@@ -19,7 +19,7 @@ from . import recipe as recipe_mod
 from . import store
 from .evaluate import build_combiners, evaluate
 from .recipe import Recipe, RecipeError
-from .train import DivergedError
+from .train import DivergedError, resolve_device
 
 
 def default_cache_dir() -> Path:
@@ -101,8 +101,6 @@ def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -
 
 def check_devices(recipe: Recipe, aliases: set[str]) -> None:
     """Fail before training when a backbone about to train asks for a device this machine lacks."""
-    from .train import resolve_device
-
     for i, b in enumerate(recipe.backbones):
         if b.alias not in aliases:
             continue
