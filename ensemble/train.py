@@ -265,36 +265,35 @@ def train_member(
     history: dict = {"epochs": [], "snapshot_epochs": sorted(keep) if cfg.snapshots else []}
     oof, test, states = [], [], []
 
-    bar = tqdm(total=cfg.epochs * steps, desc=desc, unit="batch", disable=not progress, leave=False)
-    for epoch in range(1, cfg.epochs + 1):
-        t0 = time.perf_counter()
-        lr = step.optimizer.param_groups[0]["lr"]
-        loss_sum, correct, seen = run_epoch(step, x, y, bs, gen, on_batch=bar.update)
-        val_logits = infer(step.model, val_x, mean, std, device, channels_last=step.channels_last)
-        row = {
-            "epoch": epoch,
-            "lr": lr,
-            "train_loss": loss_sum.item() / seen,
-            "train_acc": correct.item() / seen,
-            "val_loss": F.cross_entropy(val_logits, val[1]).item(),
-            "val_acc": (val_logits.argmax(1) == val[1]).float().mean().item(),
-            "seconds": time.perf_counter() - t0,
-        }
-        if not math.isfinite(row["train_loss"]) or not torch.isfinite(val_logits).all():
-            bar.close()
-            what = f"train loss {row['train_loss']:g}" if not math.isfinite(row["train_loss"]) else "held-out logits"
-            raise DivergedError(
-                f"{desc or 'training'} diverged in epoch {epoch} ({what} not finite): "
-                f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
-            )
-        history["epochs"].append(row)
-        bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
-        if epoch in keep:
-            oof.append(val_logits.numpy())
-            if test_x is not None:
-                test.append(infer(step.model, test_x, mean, std, device, channels_last=step.channels_last).numpy())
-            states.append(_state_on_cpu(step.model))
-    bar.close()
+    with tqdm(total=cfg.epochs * steps, desc=desc, unit="batch", disable=not progress, leave=False) as bar:
+        for epoch in range(1, cfg.epochs + 1):
+            t0 = time.perf_counter()
+            lr = step.optimizer.param_groups[0]["lr"]
+            loss_sum, correct, seen = run_epoch(step, x, y, bs, gen, on_batch=bar.update)
+            val_logits = infer(step.model, val_x, mean, std, device, channels_last=step.channels_last)
+            row = {
+                "epoch": epoch,
+                "lr": lr,
+                "train_loss": loss_sum.item() / seen,
+                "train_acc": correct.item() / seen,
+                "val_loss": F.cross_entropy(val_logits, val[1]).item(),
+                "val_acc": (val_logits.argmax(1) == val[1]).float().mean().item(),
+                "seconds": time.perf_counter() - t0,
+            }
+            loss_ok = math.isfinite(row["train_loss"])
+            if not loss_ok or not torch.isfinite(val_logits).all():
+                what = "held-out logits" if loss_ok else f"train loss {row['train_loss']:g}"
+                raise DivergedError(
+                    f"{desc or 'training'} diverged in epoch {epoch} ({what} not finite): "
+                    f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
+                )
+            history["epochs"].append(row)
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
+            if epoch in keep:
+                oof.append(val_logits.numpy())
+                if test_x is not None:
+                    test.append(infer(step.model, test_x, mean, std, device, channels_last=step.channels_last).numpy())
+                states.append(_state_on_cpu(step.model))
     return MemberOutput(
         oof_logits=np.stack(oof),
         test_logits=np.stack(test) if test_x is not None else None,
