@@ -38,7 +38,7 @@ from .combiner_store import CombinerStateError, load_combiner
 from .data import _PIL_ERRORS, ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images
 from .evaluate import SCALARS, split_metrics
 from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
-from .store import RunError
+from .store import RunError, fit_command
 from .train import infer, resolve_device, use_channels_last
 
 if sys.version_info >= (3, 11):
@@ -83,10 +83,6 @@ class Member:
     name: str
     backbone: BackboneConfig
     weights: str  # file name in members/<alias>/fold<k>/
-
-
-def fit_command(run_dir: Path) -> str:
-    return f"python -m ensemble.fit {run_dir / 'recipe.toml'} --out {run_dir}"
 
 
 def load_run(run_dir: str | Path) -> Run:

@@ -69,16 +69,16 @@ class Run:
 
 # ----------------------------------------------------------------------------- reading a run
 
-def _need(path: Path) -> Path:
+def _need(path: Path, run_dir: Path) -> Path:
     if not path.is_file():
         raise ReportError(f"{path} is missing: the run is incomplete; finish it with "
-                          f"`python -m ensemble.fit <recipe>` (cached jobs are reused), then retry")
+                          f"`{store.fit_command(run_dir)}` (cached jobs are reused), then retry")
     return path
 
 
-def _read_json(path: Path) -> dict:
+def _read_json(path: Path, run_dir: Path) -> dict:
     try:
-        return json.loads(_need(path).read_text())
+        return json.loads(_need(path, run_dir).read_text())
     except json.JSONDecodeError as exc:
         raise ReportError(f"{path} is not valid JSON ({exc}); rerun the step that writes it") from None
 
@@ -92,7 +92,7 @@ def _check_metrics(path: Path, metrics: dict) -> None:
     for key in ("member_names", "members", "classes"):
         if key not in metrics:
             raise ReportError(f"{path} has no {key!r} key (keys: {sorted(metrics)}); "
-                              f"rerun `python -m ensemble.fit` to rewrite it")
+                              f"rerun `{store.fit_command(path.parent)}` to rewrite it")
 
 
 def _oof_matrix(run_dir: Path, names: list) -> np.ndarray:
@@ -107,7 +107,7 @@ def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
     """alias -> [epoch dicts per fold], alias -> sorted snapshot epochs (union over folds)."""
     hist, snaps = {}, {}
     for alias in aliases:
-        per_fold = [_read_json(store.job_dir(run_dir, alias, k) / "history.json")
+        per_fold = [_read_json(store.job_dir(run_dir, alias, k) / "history.json", run_dir)
                     for k in range(n_folds)]
         hist[alias] = [h.get("epochs", []) for h in per_fold]
         snaps[alias] = sorted({int(e) for h in per_fold for e in h.get("snapshot_epochs", [])})
@@ -122,7 +122,7 @@ def _greedy_order(run_dir: Path, n_members: int) -> tuple[list | None, int | Non
     path = run_dir / "combiners" / "weighted.json"
     if not path.is_file():
         return None, None
-    state = _read_json(path).get("state", {})
+    state = _read_json(path, run_dir).get("state", {})
     order = state.get("order_", state.get("order"))
     if not order or not all(isinstance(i, int) and 0 <= i < n_members for i in order):
         return None, None
@@ -136,21 +136,21 @@ def load_run(run_dir) -> Run:
     if not run_dir.is_dir():
         raise ReportError(f"run folder {run_dir} does not exist; pass outputs/<run> of a fitted run")
     metrics_path = run_dir / "metrics.json"
-    metrics = _read_json(metrics_path)
+    metrics = _read_json(metrics_path, run_dir)
     _check_metrics(metrics_path, metrics)
-    y = np.load(_need(run_dir / "labels.npy"))
-    folds = np.load(_need(run_dir / "folds.npy"))
+    y = np.load(_need(run_dir / "labels.npy", run_dir))
+    folds = np.load(_need(run_dir / "folds.npy", run_dir))
     if y.shape != folds.shape or y.ndim != 1:
         raise ReportError(f"labels.npy {y.shape} and folds.npy {folds.shape} must be (N,) of equal "
-                          f"length; rerun `python -m ensemble.fit`")
+                          f"length; rerun `{store.fit_command(run_dir)}`")
     names, classes = list(metrics["member_names"]), list(metrics["classes"])
-    recipe_text = _need(run_dir / "recipe.toml").read_text()
+    recipe_text = _need(run_dir / "recipe.toml", run_dir).read_text()
     hist, snaps = _histories(run_dir, _aliases(names), int(folds.max()) + 1)
     order, best_size = _greedy_order(run_dir, len(names))
     oof = _oof_matrix(run_dir, names)
     if oof.shape[-1] != len(classes):
         raise ReportError(f"the members' OOF logits have {oof.shape[-1]} classes, metrics.json names "
-                          f"{len(classes)}; rerun `python -m ensemble.fit`")
+                          f"{len(classes)}; rerun `{store.fit_command(run_dir)}`")
     return Run(path=run_dir, name=_run_name(run_dir, recipe_text), date=_run_date(metrics_path),
                recipe_text=recipe_text, metrics=metrics, member_names=names, classes=classes,
                y=y.astype(np.int64), folds=folds.astype(np.int64),

@@ -67,6 +67,11 @@ def write_npy(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda f: np.save(f, np.ascontiguousarray(array), allow_pickle=False))
 
 
+def fit_command(run_dir: Path) -> str:
+    """The command that completes (or rewrites) the run in ``run_dir``; cached jobs are reused."""
+    return f"python -m ensemble.fit {Path(run_dir) / 'recipe.toml'} --out {run_dir}"
+
+
 def read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
@@ -167,7 +172,7 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
         for fold in range(k):
             d = job_dir(run_dir, alias, fold)
             if not (d / "done.json").exists():
-                raise RunError(f"{d}: job not finished; run `python -m ensemble.fit` on this run to complete it")
+                raise RunError(f"{d}: job not finished; complete the run with `{fit_command(run_dir)}`")
             fold_oof.append(read_npy(d / "oof_logits.npy"))
             if y_test is not None:
                 fold_test.append(read_npy(d / "test_logits.npy"))
@@ -178,7 +183,7 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             if part.shape != (s, len(rows), c):
                 raise RunError(
                     f"{job_dir(run_dir, alias, fold) / 'oof_logits.npy'}: shape {part.shape}, expected "
-                    f"{(s, len(rows), c)} (snapshots, rows of fold {fold}, classes); rerun `python -m ensemble.fit`"
+                    f"{(s, len(rows), c)} (snapshots, rows of fold {fold}, classes); delete that job folder and run `{fit_command(run_dir)}`"
                 )
             full[:, rows] = part
         bagged = np.mean(fold_test, axis=0) if fold_test else None

@@ -275,8 +275,10 @@ def test_twenty_members_still_render(tmp_path):
 def test_missing_file_is_named(tmp_path, missing):
     run = make_run(tmp_path)
     (run / missing).unlink()
-    with pytest.raises(ReportError, match=re.escape(missing)):
+    with pytest.raises(ReportError, match=re.escape(missing)) as info:
         write_report(run)
+    if not missing.endswith("oof_logits.npy"):  # the store's reader names only the file
+        assert f"python -m ensemble.fit {run / 'recipe.toml'} --out {run}" in str(info.value)
 
 
 @pytest.mark.parametrize("damage, message", [
