@@ -52,6 +52,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
     if not args.gpus_per_job > 0:
         p.error(f"--gpus-per-job must be > 0, got {args.gpus_per_job}")
+    if args.scheduler and args.backend != "dask":
+        p.error("--scheduler names a Dask scheduler: add --backend dask")
+    if args.address and args.backend != "ray":
+        p.error("--address names a Ray cluster: add --backend ray")
+    for flag, folder in (("--out", args.out), ("--cache", args.cache)):
+        if folder is not None and folder.exists() and not folder.is_dir():
+            p.error(f"{flag} {folder} is a file; give a folder")
     return args
 
 
@@ -111,13 +118,54 @@ def check_devices(recipe: Recipe, aliases: set[str]) -> None:
             raise recipe.error(key, f"cannot be used on this machine: {exc}") from None
 
 
-def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, args: argparse.Namespace) -> None:
-    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
-    pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
-    recipe_mod.check_backbone_names(recipe, {j.alias for j in pending})
-    if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
-        check_devices(recipe, {j.alias for j in pending})
-    print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
+def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chans: int) -> None:
+    """Build every backbone about to train once, so that a bad name, ``model_args``, stem or
+    weights file fails now, naming its key, rather than as a traceback from inside a job."""
+    from . import backbones
+
+    recipe_mod.check_backbone_names(recipe, aliases)
+    for i, b in enumerate(recipe.backbones):
+        if b.alias not in aliases:
+            continue
+        try:
+            backbones.create(b.name, num_classes=num_classes, in_chans=in_chans, stem=b.stem,
+                             pretrained=b.pretrained, model_args=b.model_args)
+        except Exception as exc:  # noqa: BLE001 - whatever the library raises, the recipe's settings caused it
+            reason = " ".join(str(exc).split())
+            if not isinstance(exc, backbones.BackboneError):
+                reason = f"{type(exc).__name__}: {reason}"
+            raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {reason}") from None
+
+
+def check_out(run_dir: Path, recipe: Recipe) -> None:
+    """Refuse an output folder that holds another recipe's run: fit would mix the two."""
+    previous = run_dir / "recipe.toml"
+    if not previous.is_file():
+        return
+    try:
+        name = recipe_mod.tomllib.loads(previous.read_text()).get("name")
+    except (OSError, ValueError):
+        name = None
+    if name != recipe.name:
+        held = f"the run {name!r}" if name else "a run whose recipe.toml cannot be read"
+        raise RecipeError(f"--out {run_dir} holds {held}, not {recipe.name!r}; give another --out "
+                          "or delete that folder")
+
+
+def invalidate(run_dir: Path, recipe: Recipe, pending: list) -> None:
+    """Before the new recipe is written: jobs about to retrain lose their done-marker, and the old
+    metrics and combiners go when anything changes, so a refit stopped half-way never leaves old
+    results that look current (``predict`` and ``report`` then ask for the run to be completed)."""
+    for job in pending:
+        (store.job_dir(run_dir, job.alias, job.fold) / "done.json").unlink(missing_ok=True)
+    previous = run_dir / "recipe.toml"
+    if pending or not previous.is_file() or previous.read_text() != recipe_mod.dumps(recipe):
+        (run_dir / "metrics.json").unlink(missing_ok=True)
+        (run_dir / "combiners" / "index.json").unlink(missing_ok=True)
+
+
+def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pending: list,
+                  args: argparse.Namespace) -> None:
     data = jobs_mod.SharedData.from_dataset(dataset, folds)
     with jobs_mod.cluster(args.backend, args.scheduler, args.address):
         results = jobs_mod.run_all(
@@ -136,6 +184,7 @@ def run(args: argparse.Namespace) -> Path:
     recipe_mod.check_names(recipe)
     build_combiners(recipe)  # a bad [ensemble] section fails now, not after training
     run_dir = args.out or Path("outputs") / recipe.name
+    check_out(run_dir, recipe)
     t0 = time.perf_counter()
     try:
         dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed, progress=not args.quiet)
@@ -143,11 +192,19 @@ def run(args: argparse.Namespace) -> Path:
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
-    write_run_files(run_dir, recipe, dataset, folds)
     print(f"data: {len(dataset.train.y)} training images, "
           f"{0 if dataset.test is None else len(dataset.test.y)} test, {len(dataset.train.classes)} classes "
           f"({time.perf_counter() - t0:.1f} s)")
-    train_members(recipe, dataset, folds, run_dir, args)
+    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
+    pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
+    to_train = {j.alias for j in pending}
+    check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]))
+    if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
+        check_devices(recipe, to_train)
+    invalidate(run_dir, recipe, pending)  # every check passed: from here on the run folder changes
+    write_run_files(run_dir, recipe, dataset, folds)
+    print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
+    train_members(recipe, dataset, folds, run_dir, pending, args)
     combine_and_report(recipe, run_dir, args)
     print(f"done in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir

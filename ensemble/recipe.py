@@ -204,6 +204,13 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
         prefix = f"backbones[{i}]."
         if not isinstance(item, dict):
             raise RecipeError(f"{where}: backbones[{i}] must be a table, got {item!r}")
+        own_keys = [f.name for f in dataclasses.fields(BackboneConfig) if f.name != "train"]
+        unknown = [k for k in item if k not in train_keys and k not in own_keys]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], own_keys + sorted(train_keys), n=1)
+            hint = (f"did you mean '{close[0]}'?" if close
+                    else f"valid keys: {', '.join(own_keys)}, or any [train] key")
+            raise RecipeError(f"{where}: {prefix}{unknown[0]} is not a known key; {hint}")
         overrides = {k: v for k, v in item.items() if k in train_keys}
         rest = {k: v for k, v in item.items() if k not in train_keys}
         base = dataclasses.asdict(train)
@@ -235,7 +242,8 @@ def _check_cross_fields(r: Recipe, where: str) -> None:
     for key in ("path", "test_path"):
         value = getattr(r.data, key)
         if value and not Path(value).exists():
-            raise RecipeError(f"{where}: data.{key} does not exist: {value!r}")
+            here = "" if Path(value).is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
+            raise RecipeError(f"{where}: data.{key} does not exist: {value!r}{here}")
     if r.ensemble.members == "snapshots" and not any(b.train.snapshots for b in r.backbones):
         raise RecipeError(f"{where}: ensemble.members = 'snapshots' needs a backbone with train.snapshots >= 2")
 
@@ -289,6 +297,10 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
         table = tomllib.loads(path.read_text())
     except FileNotFoundError:
         raise RecipeError(f"{where}: no such recipe file: {str(path)!r}") from None
+    except IsADirectoryError:
+        raise RecipeError(f"{where}: is a folder; give a recipe file, e.g. recipes/digits_5fold.toml") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RecipeError(f"{where}: cannot read the recipe file: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise RecipeError(f"{where}: not valid TOML: {exc}") from None
     for text in overrides:
@@ -375,10 +387,11 @@ def check_names(recipe: Recipe) -> None:
             backbones.split_name(b.name)
         except backbones.BackboneError as exc:
             raise recipe.error(f"backbones[{i}].name", str(exc)) from None
+        key = "train.augment" if b.train.augment == recipe.train.augment else f"backbones[{i}].augment"
         for j, name in enumerate(b.train.augment):
             if name not in augment.AUGMENTATIONS:
                 raise RecipeError(
-                    f"{where}: backbones[{i}].augment[{j}] must be one of "
+                    f"{where}: {key}[{j}] must be one of "
                     f"{' | '.join(augment.AUGMENTATIONS)}, got {name!r}"
                 )
     for j, name in enumerate(recipe.ensemble.combiners):

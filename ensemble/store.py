@@ -36,6 +36,15 @@ class RunError(ValueError):
 # --------------------------------------------------------------------------- atomic writes
 
 
+def _read_umask() -> int:
+    mask = os.umask(0o022)  # reading it means setting it: once, at import, set straight back
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_read_umask()
+
+
 def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     """Call ``write(f)`` on a binary temp file beside ``path``, then rename it into place.
 
@@ -45,6 +54,7 @@ def atomic_write(path: Path, write: Callable[[BinaryIO], object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp makes 0600; a run folder is shared like any file
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()

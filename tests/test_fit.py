@@ -39,7 +39,7 @@ def job_pids(run: Path) -> dict[str, int]:
     }
 
 
-def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session_cache, capsys):
+def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session_cache, capsys, monkeypatch):
     run = tmp_path / "run"
     assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
     folds, y = np.load(run / "folds.npy"), np.load(run / "labels.npy")
@@ -62,6 +62,10 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
     assert all({"oof", "test"} == set(m) for m in metrics["combiners"].values())
     resolved = (run / "recipe.toml").read_text()
     assert 'name = "timm:test_efficientnet"' in resolved and "epochs = 2" in resolved
+    umask = os.umask(0o022)
+    os.umask(umask)
+    modes = {oct(f.stat().st_mode & 0o777) for f in run.rglob("*") if f.is_file()}
+    assert modes == {oct(0o666 & ~umask)}  # as any file the user writes (mkstemp alone gives 0600)
 
     # A rerun trains nothing; a changed backbone setting retrains that backbone only.
     before = job_pids(run)
@@ -69,6 +73,19 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
     assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
     assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
     assert job_pids(run) == before
+
+    # A refit stopped before its jobs finish leaves no old result that looks current: the jobs it
+    # was to retrain lose their done-marker, and the old combiners and metrics are gone.
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(fit.jobs_mod, "run_all", interrupted)
+    assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", "backbones.1.lr=0.03")) == 130
+    monkeypatch.undo()
+    done = {p.parent.relative_to(run / "members").as_posix() for p in run.glob("members/*/fold*/done.json")}
+    assert done == {"test_resnet/fold0", "test_resnet/fold1", "test_resnet/fold2"}
+    assert not (run / "metrics.json").exists() and not (run / "combiners" / "index.json").exists()
+
     assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", "backbones.1.lr=0.02")) == 0
     assert "6 jobs, 3 cached, 3 to train" in capsys.readouterr().out
 

@@ -28,6 +28,13 @@ BAD_OVERRIDES = [
     (["backbones.0.name='resnet18'"], "backbones[0].name must be timm:<model> | torchvision:<model>"),
     (["backbones.1.lr=0"], "backbones[1].lr must be > 0, got 0"),
     (["backbones.0.augment=['flip','blur']"], "backbones[0].augment[1] must be one of"),
+    (["train.augment=['flip','blur']"], "digits_5fold.toml: train.augment[1] must be one of"),
+    (["backbones.2.snapshot=2"], "backbones[2].snapshot is not a known key; did you mean 'snapshots'?"),
+    (["backbones.0.zzz=1"], "backbones[0].zzz is not a known key; valid keys: name, alias, stem, pretrained, "
+                            "model_args, or any [train] key"),
+    (["backbones.0.pretrained='/no/such.pt'"],
+     "backbones[0] (timm:test_resnet) cannot be built: pretrained weights file not found: '/no/such.pt'"),
+    (["backbones.1.model_args={bogus_arg=1}"], "backbones[1] (timm:test_efficientnet) cannot be built: TypeError"),
     (["backbones.2.snapshots=3"], "backbones[2].snapshots = 3 must divide epochs = 16"),
     (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
@@ -47,7 +54,7 @@ def test_bad_recipe_exits_2_with_one_line(overrides, message, capsys, tmp_path):
     err = capsys.readouterr().err
     assert message in err
     assert err.count("\n") == 1, err  # one line, no traceback
-    assert not (tmp_path / "run" / "members").exists()  # nothing was trained
+    assert not (tmp_path / "run").exists()  # every check comes before the first write
 
 
 @pytest.mark.parametrize(
@@ -70,6 +77,32 @@ def test_bad_recipe_files(text, message, tmp_path, capsys):
 def test_missing_recipe_file(tmp_path, capsys):
     assert fit.main([str(tmp_path / "nope.toml")]) == 2
     assert "nope.toml: no such recipe file" in capsys.readouterr().err
+    assert fit.main([str(tmp_path)]) == 2
+    assert "is a folder; give a recipe file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--out", "FILE"], "--out FILE is a file; give a folder"),
+    (["--cache", "FILE"], "--cache FILE is a file; give a folder"),
+    (["--scheduler", "tcp://x:1"], "--scheduler names a Dask scheduler: add --backend dask"),
+    (["--address", "x:1", "--backend", "dask"], "--address names a Ray cluster: add --backend ray"),
+])
+def test_bad_flags_exit_2(flags, message, tmp_path, capsys):
+    file = tmp_path / "file.csv"
+    file.write_text("x")
+    flags = [str(file) if f == "FILE" else f for f in flags]
+    with pytest.raises(SystemExit) as info:
+        fit.main([str(DIGITS), *flags])
+    assert info.value.code == 2
+    assert message.replace("FILE", str(file)) in capsys.readouterr().err
+
+
+def test_out_holding_another_run_is_refused(tmp_path, capsys):
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.toml").write_text('name = "cifar10_cpu"\n')
+    assert fit.main([str(DIGITS), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "holds the run 'cifar10_cpu', not 'digits_5fold'" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["recipe.toml"]
 
 
 def test_overrides_and_backbone_inheritance():
