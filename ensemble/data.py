@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import json
 import math
 import os
@@ -514,13 +515,18 @@ def _decode_jpegs(blobs: list[bytes]) -> list[torch.Tensor | None]:
         return [None] * len(blobs)
 
 
+def pil_reason(err: BaseException) -> str:
+    """PIL's message without the ``<_io.BytesIO object at 0x...>`` it names in-memory files by."""
+    return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
+
+
 def _decode_pil(blob: bytes, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im.load()
             im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
     except _PIL_ERRORS as err:
-        raise DataError(f"cannot decode image '{name}' ({err}); remove or replace the file") from err
+        raise DataError(f"cannot decode image '{name}' ({pil_reason(err)}); remove or replace the file") from err
     a = np.array(im)  # a writable copy
     return torch.from_numpy(a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1)))
 

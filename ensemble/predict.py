@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from . import backbones, store
 from . import combiners as comb
 from .combiner_store import CombinerStateError, load_combiner
-from .data import _PIL_ERRORS, ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images
+from .data import _PIL_ERRORS, ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images, pil_reason
 from .evaluate import SCALARS, split_metrics
 from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
 from .store import RunError, fit_command
@@ -410,7 +410,7 @@ def _decode_or_split(blobs: list[bytes], entries: list[_Entry], data: DataInfo):
         return [decode_images(blobs, [e.path for e in entries], data.image_size, data.channels)], entries, []
     except DataError as exc:
         if len(entries) == 1:
-            return [], [], [(entries[0].path, f"not a readable image ({exc.__cause__ or exc})")]
+            return [], [], [(entries[0].path, f"not a readable image ({pil_reason(exc.__cause__) if exc.__cause__ else exc})")]
     mid = len(entries) // 2
     a = _decode_or_split(blobs[:mid], entries[:mid], data)
     b = _decode_or_split(blobs[mid:], entries[mid:], data)
@@ -606,6 +606,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give at least one INPUT (or --members to list what the run holds)")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.out.is_dir():
+        p.error(f"--out {args.out} is a folder; give a CSV file name, e.g. {args.out / 'preds.csv'}")
     return args
 
 

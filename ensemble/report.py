@@ -135,6 +135,9 @@ def load_run(run_dir) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run folder {run_dir} does not exist; pass outputs/<run> of a fitted run")
+    if not (run_dir / "recipe.toml").is_file():
+        raise ReportError(f"{run_dir}: not a run folder (no recipe.toml); pass the folder "
+                          "`python -m ensemble.fit` wrote, e.g. outputs/<recipe name>")
     metrics_path = run_dir / "metrics.json"
     metrics = _read_json(metrics_path, run_dir)
     _check_metrics(metrics_path, metrics)
@@ -607,6 +610,8 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path, help="a fitted run folder, outputs/<run>")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
     args = parser.parse_args(argv)
+    if args.out is not None and args.out.exists() and not args.out.is_dir():
+        parser.error(f"--out {args.out} is a file; give a folder")
     try:
         index = write_report(args.run_dir, args.out)
     except ReportError as exc:

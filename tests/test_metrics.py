@@ -81,11 +81,13 @@ def test_hand_computed_macro_and_ece():
     assert s["ece"] == pytest.approx(np.mean([0.1, 0.6, 0.3, 0.8]))
 
 
-def test_macro_counts_classes_absent_from_y():
-    # class 2 never occurs and is never predicted: zero_division=0 counts it as 0
+def test_macro_skips_classes_neither_labelled_nor_predicted():
+    # class 2 never occurs and is never predicted: it does not drag the macro mean down
     s = metrics.score(onehot([0, 1], 3), np.array([0, 1]), 3)
-    assert s["f1"] == pytest.approx(2 / 3)
-    assert s["accuracy"] == 1.0
+    assert s["f1"] == s["precision"] == s["recall"] == 1.0
+    # predicted but never labelled, class 2 counts (precision 0, recall 0 by zero_division)
+    s = metrics.score(onehot([0, 2], 3), np.array([0, 1]), 3)
+    assert s["precision"] == pytest.approx(1 / 3) and s["recall"] == pytest.approx(1 / 3)
 
 
 def test_details():

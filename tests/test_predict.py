@@ -272,7 +272,7 @@ def test_bad_input_is_reported_and_others_predicted(base, tmp_path, capsys, good
     out = tmp_path / "p.csv"
     rc, stdout, err = call([base["run"], bad, good_image, "--out", out, "--quiet"], capsys)
     assert rc == 1
-    assert f"error: {bad}" in err and message in err
+    assert f"error: {bad}" in err and message in err and "BytesIO" not in err
     assert [r["path"] for r in read_csv(out)] == [str(good_image)]
     assert "1 inputs failed" in stdout
 
@@ -409,6 +409,7 @@ USAGE = [
     ("no input", [], "give at least one INPUT"),
     ("unknown tta", ["x.png", "--tta", "rotate"], "invalid choice"),
     ("bad batch size", ["x.png", "--batch-size", "0"], "--batch-size must be >= 1"),
+    ("out is a folder", ["x.png", "--out", "."], "--out . is a folder; give a CSV file name"),
     ("unknown method", ["x.png", "--method", "averaging"], "unknown combiner 'averaging'"),
     ("method not fitted", ["x.png", "--method", "vote"], "was not fitted for this run"),
 ]

@@ -277,7 +277,7 @@ def test_missing_file_is_named(tmp_path, missing):
     (run / missing).unlink()
     with pytest.raises(ReportError, match=re.escape(missing)) as info:
         write_report(run)
-    if not missing.endswith("oof_logits.npy"):  # the store's reader names only the file
+    if missing not in ("recipe.toml", "members/convnext_nano/fold1/oof_logits.npy"):  # no run / the store's reader
         assert f"python -m ensemble.fit {run / 'recipe.toml'} --out {run}" in str(info.value)
 
 
@@ -289,12 +289,20 @@ def test_missing_file_is_named(tmp_path, missing):
     (lambda run: np.save(run / "folds.npy", np.zeros(3, dtype=np.int64)),
      r"must be \(N,\) of equal length"),
     (lambda run: shutil.rmtree(run), "does not exist"),
+    (lambda run: (run / "recipe.toml").unlink(), "not a run folder"),
 ])
 def test_inconsistent_run_is_explained(tmp_path, damage, message):
     run = make_run(tmp_path)
     damage(run)
     with pytest.raises(ReportError, match=message):
         load_run(run)
+
+
+def test_main_refuses_a_file_as_out(tmp_path, capsys):
+    (tmp_path / "p.csv").write_text("x")
+    with pytest.raises(SystemExit) as info:
+        main([str(make_run(tmp_path)), "--out", str(tmp_path / "p.csv")])
+    assert info.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
 
 
 def test_main_reports_a_missing_file_on_one_line(tmp_path, capsys):
