@@ -100,6 +100,10 @@ def evaluate(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
             result["combiners"][name] = _score_splits(logits, oof, test, classes)
     result["best"] = max(result["combiners"], key=lambda n: _rank(result["combiners"][n]), default=None)
     store.write_json(run_dir / "combiners" / "index.json", {"best": result["best"], "combiners": index})
+    keep = {entry["file"] for entry in index.values()} | {"index"}
+    for old in (run_dir / "combiners").glob("*"):  # a combiner dropped from the recipe leaves no state
+        if old.suffix in (".json", ".npz") and old.stem not in keep:
+            old.unlink()
     store.write_json(run_dir / "metrics.json", result)
     store.write_text(run_dir / "metrics.csv", to_csv(result))
     if not quiet:

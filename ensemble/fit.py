@@ -226,6 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     except RecipeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except jobs_mod.ClusterError as exc:
+        print(f"error: {' '.join(str(exc).split())}; finished jobs are kept", file=sys.stderr)
+        return 2
     except DivergedError as exc:
         print(f"error: {exc}; finished jobs are kept", file=sys.stderr)
         return 1

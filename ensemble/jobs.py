@@ -328,6 +328,10 @@ def ray_pool_size(cpus: float, gpus: float, n_jobs: int | None, gpus_per_job: fl
     return capacity if n_jobs in (None, 1, -1) else max(1, min(n_jobs, capacity))
 
 
+class ClusterError(RuntimeError):
+    """The Dask scheduler or Ray cluster named on the command line cannot be reached."""
+
+
 @contextlib.contextmanager
 def cluster(backend: str = "loky", scheduler: str | None = None, address: str | None = None):
     """Connect joblib to a Dask or Ray cluster for the duration of the block.
@@ -339,7 +343,11 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
     if backend == "dask":
         from dask.distributed import Client
 
-        with Client(scheduler) if scheduler else Client(processes=True) as client:
+        try:
+            client = Client(scheduler) if scheduler else Client(processes=True)
+        except OSError as exc:  # unreachable address, timeout
+            raise ClusterError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from None
+        with client:
             print(f"dask: {client.dashboard_link}", file=sys.stderr)
             yield
     elif backend == "ray":
@@ -349,7 +357,10 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
         register_ray()
         started = not ray.is_initialized()
         if started:
-            ray.init(address=address)
+            try:
+                ray.init(address=address)
+            except OSError as exc:  # ConnectionError: no cluster at that address
+                raise ClusterError(f"cannot connect to the Ray cluster {address}: {exc}") from None
         try:
             yield
         finally:

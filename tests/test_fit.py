@@ -94,6 +94,7 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
                              "--set", "ensemble.combiners=['mean']")) == 0
     assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
     assert set(json.loads((run / "metrics.json").read_text())["combiners"]) == {"mean"}
+    assert sorted(f.name for f in (run / "combiners").iterdir()) == ["index.json", "mean.json", "mean.npz"]
 
 
 def test_shuffled_labels_score_at_chance(tiny_recipe, tmp_path, session_cache, monkeypatch):
@@ -228,3 +229,10 @@ def test_a_diverged_job_stops_fit_with_a_clear_error(tiny_recipe, tmp_path, sess
     err = capsys.readouterr().err
     assert "error: test_resnet fold0 diverged in epoch 1 (train loss nan not finite): lower its lr (now 1e+08)" in err
     assert not list(run.glob("members/*/fold*/done.json")) and not (run / "metrics.json").exists()
+
+
+def test_python_m_ensemble_names_the_commands():
+    done = subprocess.run([sys.executable, "-m", "ensemble"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    for command in ("ensemble.fit RECIPE", "ensemble.predict RUN", "ensemble.report RUN", "ensemble.bench"):
+        assert f"python -m {command}" in done.stderr

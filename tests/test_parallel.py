@@ -159,6 +159,20 @@ def test_dask_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
     assert_same_oof(one_slot, local_run)
 
 
+def test_unreachable_dask_scheduler_is_one_line(tmp_path, capsys):
+    pytest.importorskip("distributed")
+    import dask
+
+    recipe = tmp_path / "tiny_parallel.toml"
+    recipe.write_text(TINY_RECIPE)
+    with dask.config.set({"distributed.comm.timeouts.connect": "1s"}):
+        code = fit.main([str(recipe), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--quiet",
+                         "--backend", "dask", "--scheduler", "tcp://127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot connect to the Dask scheduler tcp://127.0.0.1:1: ")
+    assert err.count("\n") == 1, err
+
+
 def test_ray_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
