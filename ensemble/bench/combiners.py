@@ -14,19 +14,25 @@ import time
 
 import numpy as np
 
+from ensemble.bench._args import check_at_least
 from ensemble.combiners import available, cross_val_proba, make_combiner
 
 TARGET_S = 30.0
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser (for the label check in :func:`main`) and the checked arguments."""
     p = argparse.ArgumentParser(prog="python -m ensemble.bench combiners", description=__doc__)
     p.add_argument("--members", type=int, default=15, help="ensemble members (default 15)")
     p.add_argument("--rows", type=int, default=50_000, help="OOF rows (default 50000)")
     p.add_argument("--classes", type=int, default=10, help="classes (default 10)")
     p.add_argument("--folds", type=int, default=5, help="folds of the nested CV (default 5)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_at_least(p, args, {"members": 1, "rows": 1, "classes": 2, "folds": 2, "seed": 0})
+    if args.rows < args.folds:
+        p.error(f"--rows must be >= --folds ({args.folds}), so that every fold holds rows; got {args.rows}")
+    return p, args
 
 
 def random_problem(members: int, rows: int, classes: int, folds: int, seed: int):
@@ -49,8 +55,12 @@ def time_combiner(name: str, logits, y, folds) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    parser, args = parse_args(argv)
     logits, y, folds = random_problem(args.members, args.rows, args.classes, args.folds, args.seed)
+    thin = [k for k in range(args.folds) if len(np.unique(y[folds != k])) < 2]
+    if thin:  # a learned combiner cannot fit one class; only a handful of rows can draw that
+        parser.error(f"--rows {args.rows}: with --folds {args.folds} and --seed {args.seed}, the random labels "
+                     f"outside fold {thin[0]} are all one class; raise --rows")
     print(f"random logits {logits.shape} (members, rows, classes), {args.folds} folds, "
           f"seed {args.seed}; chance accuracy {1 / args.classes:.3f}")
     results = {name: time_combiner(name, logits, y, folds) for name in available()}

@@ -23,9 +23,10 @@ import torch
 from PIL import Image
 
 from ensemble import backbones
+from ensemble.bench._args import check_at_least, check_backbone, check_device
 from ensemble.predict import DataInfo, Member, MemberModels, member_logits, read_inputs
 from ensemble.recipe import BackboneConfig
-from ensemble.train import infer, resolve_device
+from ensemble.train import infer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -41,7 +42,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--repeats", type=int, default=3, help="timed repeats of each side; the median is kept")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    check_at_least(p, args, {"folds": 1, "images": 1, "image_size": 1, "classes": 2, "batch_size": 1,
+                             "repeats": 1, "seed": 0})
+    args.device = check_device(p, args.device)
+    check_backbone(p, args.backbone)
+    return args
 
 
 def fold_models(args: argparse.Namespace, device: torch.device) -> MemberModels:
@@ -80,7 +86,7 @@ def decode_rate(x: torch.Tensor, info: DataInfo) -> float:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    device = resolve_device(args.device)
+    device = args.device
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randint(0, 256, (args.images, args.channels, args.image_size, args.image_size),
                       dtype=torch.uint8, generator=gen)

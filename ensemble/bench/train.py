@@ -40,6 +40,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ensemble.bench._args import check_at_least, check_backbone
+
 # b/a and b/c targets on 2 CPU cores (the acceptance figures)
 TARGETS = {"timm:test_resnet": {"b/a": 0.90, "b/c": 2.0}, "timm:resnet18": {"b/a": 0.95}}
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cifar10" / "train.tar.gz"
@@ -47,8 +49,9 @@ IMAGE_SIZE = 32
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.bench train", description=__doc__.splitlines()[0],
-                                epilog=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    summary, _, details = __doc__.partition("\n")  # the summary once, as the description; the rest after the options
+    p = argparse.ArgumentParser(prog="python -m ensemble.bench train", description=summary,
+                                epilog=details.strip("\n"), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="timm:test_resnet", help="backbone name (default timm:test_resnet)")
     p.add_argument("--steps", type=int, default=10, help="timed steps of each loop per round (default 10)")
     p.add_argument("--warmup", type=int, default=3,
@@ -64,11 +67,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="tar(.gz) of a CIFAR-style ImageFolder (default ../shared/data/cifar10/train.tar.gz "
                         "relative to the repository root)")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "threads", "rounds"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.warmup < 0 or args.workers < 0:
-        p.error(f"--warmup and --workers must be >= 0, got {args.warmup} and {args.workers}")
+    check_at_least(p, args, {"steps": 1, "warmup": 0, "rounds": 1, "batch_size": 1, "threads": 1, "workers": 0})
+    check_backbone(p, args.backbone)
     return args
 
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from ensemble import data, metrics, predict, store
+from ensemble.bench._args import check_at_least
 from ensemble.fit import default_cache_dir
 from ensemble.recipe import RecipeError, load
 from ensemble.store import RunError
@@ -40,8 +41,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--cache", type=Path, help="decoded-image cache (default: fit's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     args = p.parse_args(argv)
-    if args.images_per_class < 1:
-        p.error(f"--images-per-class must be >= 1, got {args.images_per_class}")
+    check_at_least(p, args, {"images_per_class": 1})
     return args
 
 
