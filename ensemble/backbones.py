@@ -44,6 +44,8 @@ def check_name(name: str) -> None:
     """Raise :class:`BackboneError` listing close matches when ``name`` is not a known model."""
     library, model = split_name(name)
     names = _NAMES[library]()
+    if library == "timm":
+        model = model.split(".", 1)[0]  # timm's pretrained tag (resnet18.a1_in1k) names weights, not a model
     if model not in names:
         close = difflib.get_close_matches(model, names, n=5, cutoff=0.6)
         hint = f"; close matches: {', '.join(f'{library}:{c}' for c in close)}" if close else ""

@@ -123,6 +123,11 @@ def test_resolved_recipe_round_trips(tmp_path):
     assert again == r
 
 
+def test_timm_names_with_a_pretrained_tag_are_models():
+    r = recipe.load(DIGITS, ["backbones.0.name='timm:resnet18.a1_in1k'"])
+    recipe.check_backbone_names(r)  # no BackboneError: the tag names weights of timm:resnet18
+
+
 def test_recipe_is_frozen():
     r = recipe.load(DIGITS)
     with pytest.raises(AttributeError):
