@@ -18,7 +18,7 @@ import torch
 
 from ensemble import fit, jobs
 from ensemble.recipe import TrainConfig
-from ensemble.train import TrainStep, infer, run_epoch
+from ensemble.train import TrainStep, infer, progress_interval, run_epoch
 
 from conftest import TINY_RECIPE
 
@@ -279,3 +279,12 @@ def test_bench_train_says_where_the_archive_should_be(tmp_path, capsys):
 
     assert main(["train", "--archive", str(tmp_path / "missing.tar.gz")]) == 2
     assert "no archive at" in capsys.readouterr().err
+
+
+def test_progress_bars_update_live_on_a_terminal_and_rarely_into_a_log():
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert progress_interval(Terminal()) == 0.1
+    assert progress_interval(io.StringIO()) == 30.0  # `fit ... > log 2>&1`: a line every 30 s, not 10 a second
