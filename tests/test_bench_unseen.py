@@ -110,3 +110,14 @@ def test_refuses_a_run_without_a_per_class_subset(finished, tmp_path, capsys):
     (run / "recipe.toml").write_text(recipe.replace("per_class = 20", "per_class = 0"))
     assert unseen.main([str(run)]) == 2
     assert "only a folder-source run that kept the first data.per_class images" in capsys.readouterr().err
+
+
+def test_moved_images_are_found_with_path(finished, tmp_path, capsys):
+    run = Path(shutil.copytree(finished["run"], tmp_path / "run"))
+    recipe = (run / "recipe.toml").read_text()
+    (run / "recipe.toml").write_text(recipe.replace(str(finished["tree"]), str(tmp_path / "gone")))
+    assert unseen.main([str(run), "--cache", str(finished["cache"])]) == 2
+    assert "does not exist" in (err := capsys.readouterr().err) and "give the run's images with --path" in err
+    moved = shutil.copytree(finished["tree"], tmp_path / "moved")
+    rc = unseen.main([str(run), "--path", str(moved), "--images-per-class", "5", "--cache", str(finished["cache"])])
+    assert rc == 0 and "on 15 unseen images the best combiner" in capsys.readouterr().out

@@ -18,7 +18,7 @@ against ``data.json``: a changed or different archive is refused, not silently s
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import json
 import sys
 from pathlib import Path
 
@@ -55,17 +55,18 @@ def unseen_indices(y: np.ndarray, per_class: int, n: int) -> np.ndarray:
 
 def data_config(run: predict.Run, path: str | None):
     """The run's [data] section (predict ignores it) and seed; the data must be a per_class subset of a folder."""
-    try:
-        recipe = load(run.dir / "recipe.toml")
+    try:  # --path replaces data.path before the recipe is checked: the old path may be gone
+        recipe = load(run.dir / "recipe.toml", [f"data.path={json.dumps(path)}"] if path else [])
     except (OSError, RecipeError) as exc:
-        raise RunError(f"{run.dir}: {exc}") from None
+        hint = "" if path else "; give the run's images with --path"
+        raise RunError(f"{run.dir}: {exc}{hint}") from None
     cfg = recipe.data
     if cfg.source != "folder" or cfg.per_class <= 0:
         raise RunError(
             f"{run.dir}: data.source = {cfg.source!r}, data.per_class = {cfg.per_class}: only a folder-source "
             "run that kept the first data.per_class images of every class leaves unseen images to score"
         )
-    return (dataclasses.replace(cfg, path=path) if path else cfg), recipe.seed
+    return cfg, recipe.seed
 
 
 def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int) -> data.Images:
