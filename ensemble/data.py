@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-import re
 import json
 import math
 import os
+import re
 import tarfile
 import warnings
 import zlib

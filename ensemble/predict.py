@@ -410,7 +410,8 @@ def _decode_or_split(blobs: list[bytes], entries: list[_Entry], data: DataInfo):
         return [decode_images(blobs, [e.path for e in entries], data.image_size, data.channels)], entries, []
     except DataError as exc:
         if len(entries) == 1:
-            return [], [], [(entries[0].path, f"not a readable image ({pil_reason(exc.__cause__) if exc.__cause__ else exc})")]
+            reason = pil_reason(exc.__cause__) if exc.__cause__ else str(exc)
+            return [], [], [(entries[0].path, f"not a readable image ({reason})")]
     mid = len(entries) // 2
     a = _decode_or_split(blobs[:mid], entries[:mid], data)
     b = _decode_or_split(blobs[mid:], entries[mid:], data)

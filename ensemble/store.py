@@ -193,7 +193,8 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             if part.shape != (s, len(rows), c):
                 raise RunError(
                     f"{job_dir(run_dir, alias, fold) / 'oof_logits.npy'}: shape {part.shape}, expected "
-                    f"{(s, len(rows), c)} (snapshots, rows of fold {fold}, classes); delete that job folder and run `{fit_command(run_dir)}`"
+                    f"{(s, len(rows), c)} (snapshots, rows of fold {fold}, classes); delete that job folder "
+                    f"and run `{fit_command(run_dir)}`"
                 )
             full[:, rows] = part
         bagged = np.mean(fold_test, axis=0) if fold_test else None
