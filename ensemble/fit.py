@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -162,6 +163,7 @@ def invalidate(run_dir: Path, recipe: Recipe, pending: list) -> None:
     if pending or not previous.is_file() or previous.read_text() != recipe_mod.dumps(recipe):
         (run_dir / "metrics.json").unlink(missing_ok=True)
         (run_dir / "combiners" / "index.json").unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "report", ignore_errors=True)  # fit (or `report`) writes a new one
 
 
 def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pending: list,
