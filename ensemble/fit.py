@@ -138,29 +138,33 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
             raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {reason}") from None
 
 
-def check_out(run_dir: Path, recipe: Recipe) -> None:
-    """Refuse an output folder that holds another recipe's run: fit would mix the two."""
-    previous = run_dir / "recipe.toml"
-    if not previous.is_file():
-        return
+def check_out(run_dir: Path, recipe: Recipe) -> str | None:
+    """The text of the run's previous ``recipe.toml`` (None for a new run); refuses an output
+    folder that holds another recipe's run, which fit would mix with this one."""
     try:
-        name = recipe_mod.tomllib.loads(previous.read_text()).get("name")
-    except (OSError, ValueError):
+        previous = (run_dir / "recipe.toml").read_text()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError):
+        previous = ""
+    try:
+        name = recipe_mod.tomllib.loads(previous).get("name")
+    except ValueError:
         name = None
     if name != recipe.name:
         held = f"the run {name!r}" if name else "a run whose recipe.toml cannot be read"
         raise RecipeError(f"--out {run_dir} holds {held}, not {recipe.name!r}; give another --out "
                           "or delete that folder")
+    return previous
 
 
-def invalidate(run_dir: Path, recipe: Recipe, pending: list) -> None:
+def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: list) -> None:
     """Before the new recipe is written: jobs about to retrain lose their done-marker, and the old
     metrics and combiners go when anything changes, so a refit stopped half-way never leaves old
     results that look current (``predict`` and ``report`` then ask for the run to be completed)."""
     for job in pending:
         (store.job_dir(run_dir, job.alias, job.fold) / "done.json").unlink(missing_ok=True)
-    previous = run_dir / "recipe.toml"
-    if pending or not previous.is_file() or previous.read_text() != recipe_mod.dumps(recipe):
+    if pending or previous != recipe_mod.dumps(recipe):
         (run_dir / "metrics.json").unlink(missing_ok=True)
         (run_dir / "combiners" / "index.json").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "report", ignore_errors=True)  # fit (or `report`) writes a new one
@@ -186,7 +190,7 @@ def run(args: argparse.Namespace) -> Path:
     recipe_mod.check_names(recipe)
     build_combiners(recipe)  # a bad [ensemble] section fails now, not after training
     run_dir = args.out or Path("outputs") / recipe.name
-    check_out(run_dir, recipe)
+    previous = check_out(run_dir, recipe)
     t0 = time.perf_counter()
     try:
         dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed, progress=not args.quiet)
@@ -203,7 +207,7 @@ def run(args: argparse.Namespace) -> Path:
     check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
         check_devices(recipe, to_train)
-    invalidate(run_dir, recipe, pending)  # every check passed: from here on the run folder changes
+    invalidate(run_dir, recipe, previous, pending)  # every check passed: from here on the run folder changes
     write_run_files(run_dir, recipe, dataset, folds)
     print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
     train_members(recipe, dataset, folds, run_dir, pending, args)

@@ -88,11 +88,7 @@ class Member:
 def load_run(run_dir: str | Path) -> Run:
     """Read ``recipe.toml``, ``data.json`` and ``combiners/index.json`` (if fitted) of a run."""
     run_dir = Path(run_dir)
-    if not (run_dir / "recipe.toml").is_file():
-        raise RunError(
-            f"{run_dir}: not a run folder (no recipe.toml); give the folder `python -m ensemble.fit` "
-            "wrote, e.g. outputs/<recipe name>"
-        )
+    store.require_run_folder(run_dir)
     recipe = _read_recipe(run_dir / "recipe.toml")
     data = _read_data_info(run_dir / "data.json")
     index_path = run_dir / "combiners" / "index.json"

@@ -135,9 +135,10 @@ def load_run(run_dir) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run folder {run_dir} does not exist; pass outputs/<run> of a fitted run")
-    if not (run_dir / "recipe.toml").is_file():
-        raise ReportError(f"{run_dir}: not a run folder (no recipe.toml); pass the folder "
-                          "`python -m ensemble.fit` wrote, e.g. outputs/<recipe name>")
+    try:
+        store.require_run_folder(run_dir)
+    except store.RunError as exc:
+        raise ReportError(str(exc)) from None
     metrics_path = run_dir / "metrics.json"
     metrics = _read_json(metrics_path, run_dir)
     _check_metrics(metrics_path, metrics)

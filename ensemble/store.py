@@ -82,6 +82,13 @@ def fit_command(run_dir: Path) -> str:
     return f"python -m ensemble.fit {Path(run_dir) / 'recipe.toml'} --out {run_dir}"
 
 
+def require_run_folder(run_dir: Path) -> None:
+    """RunError unless ``run_dir`` holds the ``recipe.toml`` that ``fit`` writes first."""
+    if not (Path(run_dir) / "recipe.toml").is_file():
+        raise RunError(f"{run_dir}: not a run folder (no recipe.toml); give the folder `python -m ensemble.fit` "
+                       "wrote, e.g. outputs/<recipe name>")
+
+
 def read_npy(path: Path) -> np.ndarray:
     try:
         return np.load(path, allow_pickle=False)
