@@ -297,7 +297,8 @@ def train_member(
                     f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
                 )
             history["epochs"].append(row)
-            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}")
+            bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}",
+                            refresh=False)  # shown at the bar's next timed update
             if epoch in keep:
                 oof.append(val_logits.numpy())
                 if test_x is not None:

@@ -288,3 +288,22 @@ def test_progress_bars_update_live_on_a_terminal_and_rarely_into_a_log():
 
     assert progress_interval(Terminal()) == 0.1
     assert progress_interval(io.StringIO()) == 30.0  # `fit ... > log 2>&1`: a line every 30 s, not 10 a second
+
+
+def test_a_job_writes_no_per_epoch_progress_lines_into_a_log(monkeypatch):
+    """Into a log file the bar is drawn when it opens and when it closes, not once an epoch
+    (a per-epoch postfix refresh used to bypass the 30 s interval)."""
+    from ensemble import backbones
+    from ensemble.train import train_member
+
+    x, y = _digits()
+    x, y = x[:64], y[:64]
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    cfg = TrainConfig(epochs=6, batch_size=32, lr=0.05, augment=())
+    torch.manual_seed(0)
+    out = train_member(backbones.create("timm:test_resnet", num_classes=10, in_chans=1), cfg, (x, y), (x, y),
+                       None, (0.3,), (0.4,), seed=0, device=torch.device("cpu"), progress=True, desc="job")
+    assert len(out.history["epochs"]) == 6
+    draws = log.getvalue().count("job:")
+    assert 1 <= draws <= 2, log.getvalue()
