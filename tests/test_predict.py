@@ -477,3 +477,16 @@ def test_opaque_alpha_is_accepted_transparent_palette_refused(base, tmp_path, ca
     rc, _, err = call([base["run"], opaque, tmp_path / "keyed.png", "--out", tmp_path / "p.csv", "--quiet"], capsys)
     assert rc == 1 and "keyed.png: has 2 channels (P with transparent pixels)" in err
     assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [str(opaque)]
+
+
+def test_the_readme_python_snippet_reproduces_fits_stacking_scores(base, capsys):
+    """README "From Python": the snippet, pointed at this module's run, prints fit's stacking row."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## From Python")[1]
+    block = section.split("\nprints")[0].splitlines()
+    code = "\n".join(line[4:] for line in block if line.startswith("    ") or not line.strip())
+    assert "cross_val_proba" in code and "outputs/digits_5fold" in code
+    exec(compile(code.replace("outputs/digits_5fold", str(base["run"])), "README.md", "exec"), {})
+    scores = json.loads((base["run"] / "metrics.json").read_text())["combiners"]["stacking"]
+    expected = f"nested OOF {scores['oof']['accuracy']:.4f}, test {scores['test']['accuracy']:.4f}"
+    assert capsys.readouterr().out.strip() == expected
