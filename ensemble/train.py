@@ -242,6 +242,17 @@ def progress_interval(stream=None) -> float:
     return 0.1 if getattr(stream, "isatty", lambda: False)() else 30.0
 
 
+def _check_finite(row: dict, val_logits: torch.Tensor, cfg: TrainConfig, desc: str) -> None:
+    """Raise :class:`DivergedError` when an epoch's train loss or held-out logits are not finite."""
+    loss_ok = math.isfinite(row["train_loss"])
+    if not loss_ok or not torch.isfinite(val_logits).all():
+        what = "held-out logits" if loss_ok else f"train loss {row['train_loss']:g}"
+        raise DivergedError(
+            f"{desc or 'training'} diverged in epoch {row['epoch']} ({what} not finite): "
+            f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
+        )
+
+
 def train_member(
     model: nn.Module,
     cfg: TrainConfig,
@@ -289,13 +300,7 @@ def train_member(
                 "val_acc": (val_logits.argmax(1) == val[1]).float().mean().item(),
                 "seconds": time.perf_counter() - t0,
             }
-            loss_ok = math.isfinite(row["train_loss"])
-            if not loss_ok or not torch.isfinite(val_logits).all():
-                what = "held-out logits" if loss_ok else f"train loss {row['train_loss']:g}"
-                raise DivergedError(
-                    f"{desc or 'training'} diverged in epoch {epoch} ({what} not finite): "
-                    f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
-                )
+            _check_finite(row, val_logits, cfg, desc)
             history["epochs"].append(row)
             bar.set_postfix(loss=f"{row['train_loss']:.3f}", val_acc=f"{row['val_acc']:.3f}",
                             refresh=False)  # shown at the bar's next timed update
