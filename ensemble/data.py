@@ -39,9 +39,9 @@ from tqdm import tqdm
 from .store import write_npy, write_text
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
-_CACHE_VERSION = 1  # bump when the decoded arrays of a source would change
+_CACHE_VERSION = 2  # bump when the decoded arrays of a source would change
 _CHUNK = 2048  # images decoded (and resized) per batch
 _GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -520,14 +520,25 @@ def pil_reason(err: BaseException) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
 
 
+def _wide_gray_to_uint8(a: np.ndarray) -> np.ndarray:
+    """Gray pixels of an "I" / "I;16" image to uint8: 16-bit range scaled to 8 bits, or kept
+    as is when every value already fits in 0..255 (an 8-bit image stored wide)."""
+    a = a.astype(np.float64)
+    if a.max(initial=0) > 255:
+        a = a * (255 / 65535)
+    return np.clip(np.rint(a), 0, 255).astype(np.uint8)
+
+
 def _decode_pil(blob: bytes, name: str) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im.load()
-            im = im.convert("L" if im.mode in _GRAY_MODES else "RGB")
+            if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert("L") clips it to white
+                a = _wide_gray_to_uint8(np.asarray(im))
+            else:
+                a = np.array(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))  # a writable copy
     except _PIL_ERRORS as err:
         raise DataError(f"cannot decode image '{name}' ({pil_reason(err)}); remove or replace the file") from err
-    a = np.array(im)  # a writable copy
     return torch.from_numpy(a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 

@@ -177,8 +177,10 @@ def test_mixed_sizes_and_modes_become_rgb_of_image_size(tmp_path):
     rng_image(rng, (9, 30), "L").save(tree / "a" / "gray.png")
     rng_image(rng, (8, 8), "RGB").convert("P").save(tree / "b" / "palette.gif")
     Image.new("RGBA", (11, 11), (10, 20, 30, 40)).save(tree / "b" / "alpha.webp", lossless=True)
+    Image.new("RGB", (7, 9), (200, 100, 50)).save(tree / "b" / "scan.TIF")
     ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
-    assert ds.train.x.shape == (9, 3, 12, 12)
+    assert ds.train.x.shape == (10, 3, 12, 12)
+    assert ds.train.x[9, :, 6, 6].tolist() == [200, 100, 50]  # b/scan.TIF, last in b
     gray = ds.train.x[3]  # a/gray.png sorts after a/00..02.bmp
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     alpha = ds.train.x[7]  # b/00..02.bmp, then b/alpha.webp
@@ -238,6 +240,18 @@ def test_decode_images_resizes_and_converts_channels(tmp_path):
     assert gray.shape == (1, 1, 20, 20)
     expected = np.asarray(Image.open(paths[0]).convert("L"), dtype=int)
     assert np.abs(gray[0, 0].numpy().astype(int) - expected).max() <= 1  # PIL's luma weights
+
+
+def test_a_16_bit_gray_png_keeps_its_pixels_instead_of_turning_white(tmp_path):
+    """PIL's convert("L") clips "I;16" pixels to 255; they are scaled to 8 bits instead."""
+    ramp = (np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)  # 0 .. 63,000 of 65,535
+    Image.fromarray(ramp).save(tmp_path / "wide.png")
+    Image.fromarray((ramp // 257).astype(np.uint8)).save(tmp_path / "narrow.png")
+    blobs = [(tmp_path / n).read_bytes() for n in ("wide.png", "narrow.png")]
+    wide, narrow = decode_images(blobs, ["wide.png", "narrow.png"], 8)
+    assert Image.open(tmp_path / "wide.png").mode.startswith("I")
+    assert wide.shape == (1, 8, 8) and wide.min() == 0 and wide.max() < 255
+    assert (wide.int() - narrow.int()).abs().max() <= 1
 
 
 # --------------------------------------------------------------------------- errors
