@@ -74,6 +74,12 @@ def make_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
+def class_list(classes, shown: int = 10) -> str:
+    """The class names for the data line, the first ``shown`` of a long list."""
+    more = len(classes) - shown
+    return ", ".join(classes[:shown]) + (f", ... ({more} more)" if more > 0 else "")
+
+
 def check_class_counts(recipe: Recipe, y: np.ndarray, classes) -> None:
     counts = np.bincount(y, minlength=len(classes))
     worst = int(counts.argmin())
@@ -199,8 +205,8 @@ def run(args: argparse.Namespace) -> Path:
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
     print(f"data: {len(dataset.train.y)} training images, "
-          f"{0 if dataset.test is None else len(dataset.test.y)} test, {len(dataset.train.classes)} classes "
-          f"({time.perf_counter() - t0:.1f} s)")
+          f"{0 if dataset.test is None else len(dataset.test.y)} test, {len(dataset.train.classes)} classes: "
+          f"{class_list(dataset.train.classes)} ({time.perf_counter() - t0:.1f} s)")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     to_train = {j.alias for j in pending}

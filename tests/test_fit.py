@@ -42,6 +42,7 @@ def job_pids(run: Path) -> dict[str, int]:
 def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session_cache, capsys, monkeypatch):
     run = tmp_path / "run"
     assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
+    assert "data: 300 training images, 100 test, 10 classes: 0, 1, 2, 3, 4, 5, 6, 7, 8, 9 (" in capsys.readouterr().out
     folds, y = np.load(run / "folds.npy"), np.load(run / "labels.npy")
     assert sorted(np.bincount(folds)) == [100, 100, 100] and len(y) == 300
     for alias in ("test_resnet", "test_efficientnet"):
