@@ -43,7 +43,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _CACHE_VERSION = 2  # bump when the decoded arrays of a source would change
 _CHUNK = 2048  # images decoded (and resized) per batch
-_GRAY_MODES = ("1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+_GRAY_MODES = ("1", "L", "LA", "La", "F")  # "I" modes: _wide_gray_to_uint8
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
