@@ -500,22 +500,29 @@ def _list_archive(arg: str, path: Path, classes) -> tuple[list[_Entry], list, li
 
 
 def _folder_labels(files: list[tuple[str, ...]], classes, where: str) -> tuple[list[int], list[str]]:
-    """Class index of each file when ``files`` form an ImageFolder tree of the run's classes, else -1.
+    """Class index of each file when ``files`` form a class-folder tree of the run's classes, else -1.
 
-    Class folders sit at the root, or under one single top folder (as in training).
+    As in training, an image's class is the folder it lies in at the root, or under one single
+    top folder, at any depth below that folder.
     """
     index = {c: i for i, c in enumerate(classes)}
-    for depth in (2, 3):
-        if files and all(len(p) == depth for p in files) and len({p[: depth - 2] for p in files}) == 1:
-            folders = sorted({p[depth - 2] for p in files})
-            if all(f in index for f in folders):
-                return [index[p[depth - 2]] for p in files], []
-            strange = [f for f in folders if f not in index]
-            return [-1] * len(files), [
-                f"{where}: folders {strange[:3]} are not classes of the run ({', '.join(classes[:10])}"
-                f"{' ...' if len(classes) > 10 else ''}); its images are predicted without labels"
-            ]
-    return [-1] * len(files), []
+    unlabelled = [-1] * len(files)
+    single_top = len({p[0] for p in files}) == 1
+    for skip in (0, 1) if single_top else (0,):
+        if all(len(p) >= skip + 2 and p[skip] in index for p in files):
+            return [index[p[skip]] for p in files], []
+    skip = 1 if single_top and any(len(p) >= 3 for p in files) else 0  # as training reads a tree
+    in_folders = [p for p in files if len(p) >= skip + 2]
+    if not in_folders:
+        return unlabelled, []  # plain images: nothing to label
+    strange = sorted({p[skip] for p in in_folders} - index.keys())
+    if strange:
+        why = (f"folders {strange[:3]} are not classes of the run ({', '.join(classes[:10])}"
+               f"{' ...' if len(classes) > 10 else ''})")
+    else:
+        loose = next(p for p in files if len(p) < skip + 2)
+        why = f"{len(files) - len(in_folders)} images lie outside the class folders (e.g. {'/'.join(loose)!r})"
+    return unlabelled, [f"{where}: {why}; its images are predicted without labels"]
 
 
 def _skipped_note(where: str, others: list[tuple[str, ...]]) -> list[str]:

@@ -177,6 +177,27 @@ def test_folders_that_are_not_classes_give_no_labels(base, tmp_path, capsys, goo
     assert not predict.metrics_path(tmp_path / "p.csv").exists()
 
 
+def test_images_in_subfolders_of_a_class_folder_get_its_label(base, tmp_path, capsys):
+    """fit labels <class>/<any subfolders>/<image> with <class>: predict reads the same tree the same way."""
+    pngs = sorted(base["test"].rglob("*.png"))
+    first, last = pngs[0], pngs[-1]
+    tree = tmp_path / "wrap" / "imgs"
+    for png, sub in ((first, "a/b"), (last, "")):
+        folder = tree / png.parent.name / sub
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copy(png, folder / png.name)
+    rc, _, err = call([base["run"], tmp_path / "wrap", "--out", tmp_path / "p.csv", "--quiet"], capsys)
+    assert rc == 0, err
+    rows = read_csv(tmp_path / "p.csv")
+    assert [r["label"] for r in rows] == [first.parent.name, last.parent.name]
+    assert json.loads(predict.metrics_path(tmp_path / "p.csv").read_text())["n_labelled"] == 2
+
+    shutil.copy(first, tree / "loose.png")  # an image beside the class folders: no labels, and a note why
+    rc, _, err = call([base["run"], tmp_path / "wrap", "--out", tmp_path / "q.csv", "--quiet"], capsys)
+    assert rc == 0 and "1 images lie outside the class folders (e.g. 'imgs/loose.png')" in err
+    assert "label" not in read_csv(tmp_path / "q.csv")[0]
+
+
 def test_rgb_input_to_grayscale_run_and_tta(base, tmp_path, capsys, good_image):
     rgb = tmp_path / "rgb.jpg"
     Image.open(good_image).convert("RGB").resize((32, 32)).save(rgb, quality=95)
