@@ -114,7 +114,8 @@ def read_source(cfg, cache_dir: Path, progress: bool = True) -> tuple[Images, Im
     cache_dir = Path(cache_dir)
     train, test = _load_source(cfg, cache_dir, progress)
     if cfg.test_path:
-        test = _match_classes(train, _load_folder_cached(cfg.test_path, "data.test_path", cfg, cache_dir, progress))
+        test = _match_classes(train, _load_folder_cached(cfg.test_path, "data.test_path", cfg, cache_dir, progress,
+                                                         some_classes=True))
     return train, test
 
 
@@ -191,14 +192,18 @@ def _subset(images: Images, idx: np.ndarray) -> Images:
 
 
 def _match_classes(train: Images, test: Images) -> Images:
-    if test.classes != train.classes:
-        missing = sorted(set(train.classes) - set(test.classes))
-        extra = sorted(set(test.classes) - set(train.classes))
+    """The test images labelled by the training classes; the test set may lack some of them."""
+    extra = sorted(set(test.classes) - set(train.classes))
+    if extra:
         raise DataError(
-            "data.test_path must hold the same class folders as the training data; "
-            f"missing from test: {missing}, not in train: {extra}"
+            f"data.test_path has class folders that the training data lacks: {extra[:5]}"
+            f"{' ...' if len(extra) > 5 else ''}; the models cannot predict them: remove them from the test set "
+            "or add them to the training data"
         )
-    return test
+    if test.classes == train.classes:
+        return test
+    index = torch.tensor([train.classes.index(c) for c in test.classes], dtype=torch.int64)
+    return Images(test.x, index[test.y], train.classes)
 
 
 def _same_channels(train: Images, test: Images | None) -> tuple[Images, Images | None]:
@@ -329,19 +334,25 @@ def _torchvision_split(source: str, root: Path, download: bool, image_size: int,
 # --------------------------------------------------------------------------- folders and archives
 
 
-def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress: bool) -> Images:
-    """Images of an ImageFolder tree or tar archive at `path` (the recipe key `key_name`)."""
+def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress: bool,
+                        some_classes: bool = False) -> Images:
+    """Images of an ImageFolder tree or tar archive at `path` (the recipe key `key_name`).
+
+    `some_classes` (a test set) accepts a single class and skips empty class folders.
+    """
     root = _check_folder_path(path, key_name)
     base = {"source": "folder", "path": str(root), "image_size": cfg.image_size}
+    if some_classes:
+        base["some_classes"] = True  # its class list differs from the same tree read as training data
     if root.is_dir():
         files, dirs = _walk_tree(root)
         stats = [(p, *_size_mtime(root.joinpath(*p))) for p in files]
         key = {**base, "files": stats}
-        read = partial(_read_tree, root, files, dirs, cfg.image_size, progress)
+        read = partial(_read_tree, root, files, dirs, cfg.image_size, progress, some_classes)
     else:
         st = root.stat()
         key = {**base, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        read = partial(_read_archive, root, cfg.image_size, progress)
+        read = partial(_read_archive, root, cfg.image_size, progress, some_classes)
     return _cached(cache_dir, "folder", key, lambda: (read(), None))[0]
 
 
@@ -383,8 +394,8 @@ def _walk_tree(root: Path) -> tuple[list[tuple[str, ...]], set[tuple[str, ...]]]
     return sorted(files), dirs
 
 
-def _read_tree(root: Path, files, dirs, image_size: int, progress: bool) -> Images:
-    classes, order, labels = _layout(files, dirs, str(root))
+def _read_tree(root: Path, files, dirs, image_size: int, progress: bool, some_classes: bool = False) -> Images:
+    classes, order, labels = _layout(files, dirs, str(root), some_classes)
     names = ["/".join(files[i]) for i in order]
     blobs = []
     for name in tqdm(names, desc=f"reading {root.name}", unit="img", disable=not progress, leave=False):
@@ -393,7 +404,7 @@ def _read_tree(root: Path, files, dirs, image_size: int, progress: bool) -> Imag
     return Images(x, torch.from_numpy(labels), classes)
 
 
-def _read_archive(path: Path, image_size: int, progress: bool) -> Images:
+def _read_archive(path: Path, image_size: int, progress: bool, some_classes: bool = False) -> Images:
     """One sequential pass over the tar members; nothing is extracted to disk."""
     files, dirs, blobs = [], set(), []
     bar = tqdm(total=path.stat().st_size, desc=f"reading {path.name}", unit="B", unit_scale=True,
@@ -415,16 +426,18 @@ def _read_archive(path: Path, image_size: int, progress: bool) -> Images:
         raise DataError(f"cannot read the archive '{path}' ({err}); it is damaged or not a tar: replace it") from err
     finally:
         bar.close()
-    classes, order, labels = _layout(files, dirs, str(path))
+    classes, order, labels = _layout(files, dirs, str(path), some_classes)
     x = _decode_blobs([blobs[i] for i in order], [f"{path}:{'/'.join(files[i])}" for i in order], image_size, progress)
     return Images(x, torch.from_numpy(labels), classes)
 
 
-def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str):
+def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str, some_classes: bool = False):
     """Classes (sorted), file order (sorted by path) and labels of an ImageFolder listing.
 
     `files` and `dirs` are relative path parts; class folders sit at the root or under
-    one single top folder. Returns (classes, order: list[int], labels: int64 (N,)).
+    one single top folder. Training data needs 2 classes or more and no empty class folder;
+    with `some_classes` (a test set) one class will do and empty folders are no class.
+    Returns (classes, order: list[int], labels: int64 (N,)).
     """
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{where}'; expected <class>/<image> files")
@@ -440,14 +453,15 @@ def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str
             f"{len(loose)} images lie outside class folders in '{where}' (e.g. {loose[0]!r}); "
             "put every image in a folder named after its class"
         )
-    classes = tuple(sorted({p[0] for p in files} | {d[0] for d in dirs}))
+    folders = set() if some_classes else {d[0] for d in dirs}  # an empty class folder is an error in training data
+    classes = tuple(sorted({p[0] for p in files} | folders))
     counts = {c: 0 for c in classes}
     for p in files:
         counts[p[0]] += 1
     empty = [c for c in classes if counts[c] == 0]
     if empty:
         raise DataError(f"class folder '{where}/{empty[0]}' has no images; add images or remove the folder")
-    if len(classes) < 2:
+    if len(classes) < 2 and not some_classes:
         raise DataError(f"found only one class folder ({classes[0]!r}) in '{where}'; classification needs at least 2")
     order = sorted(range(len(files)), key=lambda i: files[i])
     index = {c: i for i, c in enumerate(classes)}

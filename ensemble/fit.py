@@ -80,6 +80,14 @@ def class_list(classes, shown: int = 10) -> str:
     return ", ".join(classes[:shown]) + (f", ... ({more} more)" if more > 0 else "")
 
 
+def test_count(dataset) -> str:
+    """'N test', naming how many classes the test set holds when it lacks some."""
+    if dataset.test is None:
+        return "0 test"
+    covered, total = len(dataset.test.y.unique()), len(dataset.train.classes)
+    return f"{len(dataset.test.y)} test" + (f" ({covered} of {total} classes)" if covered < total else "")
+
+
 def check_class_counts(recipe: Recipe, y: np.ndarray, classes) -> None:
     counts = np.bincount(y, minlength=len(classes))
     worst = int(counts.argmin())
@@ -204,9 +212,9 @@ def run(args: argparse.Namespace) -> Path:
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
-    print(f"data: {len(dataset.train.y)} training images, "
-          f"{0 if dataset.test is None else len(dataset.test.y)} test, {len(dataset.train.classes)} classes: "
-          f"{class_list(dataset.train.classes)} ({time.perf_counter() - t0:.1f} s)")
+    print(f"data: {len(dataset.train.y)} training images, {test_count(dataset)}, "
+          f"{len(dataset.train.classes)} classes: {class_list(dataset.train.classes)} "
+          f"({time.perf_counter() - t0:.1f} s)")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     to_train = {j.alias for j in pending}

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ensemble import data
+from ensemble import data, fit
 from ensemble.data import DataError, Dataset, Images, decode_images, load_dataset, resize
 
 CLASSES = ("cat", "dog", "emu")
@@ -203,6 +203,18 @@ def test_test_path_gives_a_separate_test_set(tmp_path):
     assert ds.mean == pytest.approx(x.mean((0, 2, 3)).tolist(), abs=1e-12)
 
 
+def test_a_test_set_may_hold_some_of_the_classes(tmp_path):
+    """A test set lacking a class, with an empty class folder, is labelled by the training classes."""
+    train = make_tree(tmp_path / "train", per_class=4, seed=0)
+    test = make_tree(tmp_path / "test", classes=("emu",), per_class=2, seed=1)
+    (test / "cat").mkdir()  # empty: no class of the test set
+    ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
+    assert ds.test.classes == CLASSES and ds.test.y.tolist() == [2, 2] and len(ds.test.x) == 2
+    assert fit.test_count(ds) == "2 test (1 of 3 classes)"  # fit's data line says so
+    with pytest.raises(DataError, match="cat' has no images"):  # the same tree as training data is refused
+        load(tmp_path / "cache", source="folder", path=str(test), image_size=12)
+
+
 def test_second_load_uses_the_cache_and_a_changed_file_does_not(tmp_path, monkeypatch):
     tree = make_tree(tmp_path / "tree")
     first = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
@@ -295,7 +307,7 @@ ERRORS = [
     ("test_path and test_fraction", lambda tmp: cfg(test_path="x", test_fraction=0.2), "only one"),
     ("test classes differ", lambda tmp: cfg(source="folder", image_size=12, path=str(make_tree(tmp / "a")),
                                             test_path=str(make_tree(tmp / "b", classes=("cat", "dog", "gnu")))),
-     "missing from test: ['emu'], not in train: ['gnu']"),
+     "test_path has class folders that the training data lacks: ['gnu']"),
     ("cifar10 not downloaded", lambda tmp: cfg(source="cifar10", root=str(tmp / "vision")), "data.download = true"),
     ("mnist not downloaded", lambda tmp: cfg(source="mnist", root=str(tmp / "vision")), "vision'"),
 ]
