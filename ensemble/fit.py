@@ -200,7 +200,7 @@ def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
     from .data import DataError, load_dataset
 
-    recipe = recipe_mod.load(args.recipe, args.set)
+    recipe = recipe_mod.with_absolute_paths(recipe_mod.load(args.recipe, args.set))
     recipe_mod.check_names(recipe)
     build_combiners(recipe)  # a bad [ensemble] section fails now, not after training
     run_dir = args.out or Path("outputs") / recipe.name

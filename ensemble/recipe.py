@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import re
 import sys
 import typing
@@ -307,6 +308,15 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
         apply_override(table, *parse_override(text))
     recipe = from_dict(table, where)
     return dataclasses.replace(recipe, source_file=str(path))
+
+
+def with_absolute_paths(recipe: Recipe) -> Recipe:
+    """The recipe with its relative data paths made absolute (relative paths start from the current
+    folder), so that the ``recipe.toml`` fit writes into a run folder works from any folder."""
+    data = recipe.data
+    keys = ("path", "test_path") + (("root",) if data.source not in ("digits", "folder") else ())
+    absolute = {k: os.path.abspath(os.path.expanduser(v)) for k in keys if (v := getattr(data, k))}
+    return dataclasses.replace(recipe, data=dataclasses.replace(data, **absolute))
 
 
 # --------------------------------------------------------------------------- saving

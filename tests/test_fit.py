@@ -187,6 +187,34 @@ def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, ses
 
 
 
+def test_a_run_with_relative_data_paths_completes_from_another_folder(tmp_path, session_cache, capsys,
+                                                                      monkeypatch):
+    """fit writes absolute data paths into the run's recipe.toml, so the command that predict and
+    report print to complete a run (`fit <run>/recipe.toml --out <run>`) works from any folder."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    project = tmp_path / "project"
+    digits = load_digits()
+    for i in range(40):
+        y = int(digits.target[i])
+        folder = project / "imgs" / ("low" if y < 5 else "high")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    (project / "r.toml").write_text(
+        'name = "rel"\n[data]\nsource = "folder"\npath = "imgs"\nimage_size = 8\n[cv]\nfolds = 2\n'
+        '[train]\nepochs = 1\nbatch_size = 16\naugment = []\n[[backbones]]\nname = "timm:test_resnet"\n'
+        '[ensemble]\ncombiners = ["mean"]\n'
+    )
+    monkeypatch.chdir(project)
+    assert fit.main(fit_args(Path("r.toml"), Path("run"), session_cache)) == 0
+    assert f"path = {json.dumps(str(project / 'imgs'))}" in (project / "run" / "recipe.toml").read_text()
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    assert fit.main(fit_args(project / "run" / "recipe.toml", project / "run", session_cache)) == 0
+    assert "rel: 2 jobs, 2 cached, 0 to train" in capsys.readouterr().out
+
+
 DEVICES = [  # (device, CUDA devices the machine has, error fragment or None)
     ("auto", 0, None),
     ("cpu", 0, None),
