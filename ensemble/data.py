@@ -51,6 +51,10 @@ class DataError(ValueError):
     """A problem with the user's data or data settings; the message says how to fix it."""
 
 
+class TransparentImages(UserWarning):
+    """Training images with transparent pixels were decoded with their alpha channel dropped."""
+
+
 @dataclass(frozen=True)
 class Images:
     """Labelled images: `x` uint8 (N, C, H, W) contiguous on the CPU, `y` int64 (N,)."""
@@ -478,24 +482,31 @@ def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progres
     C = 1 if every image is grayscale, else 3. JPEGs are decoded in batches by
     torchvision's libjpeg-turbo decoder (measured fastest here), others by PIL.
     """
-    chunks = []
+    chunks, transparent = [], []
     with tqdm(total=len(blobs), desc="decoding", unit="img", disable=not progress, leave=False) as bar:
         for start in range(0, len(blobs), _CHUNK):
             part = slice(start, start + _CHUNK)
-            chunks.append(_decode_chunk(blobs[part], names[part], image_size))
+            chunks.append(_decode_chunk(blobs[part], names[part], image_size, transparent))
             bar.update(len(chunks[-1]))
+    if transparent:
+        warnings.warn(TransparentImages(
+            f"{len(transparent)} images have transparent pixels (e.g. '{transparent[0]}'): their alpha channel is "
+            "dropped, as torchvision's ImageFolder does, and the colours under it are trained on; flatten them "
+            "onto a background first if those colours are arbitrary (predict refuses such images)"
+        ), stacklevel=2)
     channels = max(c.shape[1] for c in chunks)
     return torch.cat([c.expand(-1, channels, -1, -1) for c in chunks]).contiguous()
 
 
-def _decode_chunk(blobs: list[bytes], names: list[str], image_size: int) -> torch.Tensor:
+def _decode_chunk(blobs: list[bytes], names: list[str], image_size: int, transparent: list[str]) -> torch.Tensor:
+    """Decode and resize one chunk; the names of images with transparent pixels go to `transparent`."""
     images: list[torch.Tensor | None] = [None] * len(blobs)
     jpegs = [i for i, b in enumerate(blobs) if b[:2] == b"\xff\xd8"]
     for i, img in zip(jpegs, _decode_jpegs([blobs[i] for i in jpegs])):
         images[i] = img
     for i, img in enumerate(images):
         if img is None or img.shape[0] not in (1, 3):  # not a JPEG, CMYK, failed batch, ...
-            images[i] = _decode_pil(blobs[i], names[i])
+            images[i] = _decode_pil(blobs[i], names[i], transparent)
     channels = max(img.shape[0] for img in images)
     out = torch.empty((len(images), channels, image_size, image_size), dtype=torch.uint8)
     by_size: dict[tuple[int, int], list[int]] = {}
@@ -543,10 +554,20 @@ def _wide_gray_to_uint8(a: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
 
-def _decode_pil(blob: bytes, name: str) -> torch.Tensor:
+def has_transparent_pixels(im: Image.Image) -> bool:
+    """Whether the image has an alpha channel (or a colour key) that hides some of its pixels."""
+    bands = im.getbands()
+    if not ("A" in bands or "a" in bands or "transparency" in im.info):
+        return False
+    return im.convert("RGBA").getchannel("A").getextrema()[0] < 255  # all 255: the alpha carries nothing
+
+
+def _decode_pil(blob: bytes, name: str, transparent: list[str]) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(blob)) as im:
             im.load()
+            if has_transparent_pixels(im):
+                transparent.append(name)
             if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert("L") clips it to white
                 a = _wide_gray_to_uint8(np.asarray(im))
             else:

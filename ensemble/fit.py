@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -198,7 +199,7 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
 
 def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
-    from .data import DataError, load_dataset
+    from .data import DataError, TransparentImages, load_dataset
 
     recipe = recipe_mod.with_absolute_paths(recipe_mod.load(args.recipe, args.set))
     recipe_mod.check_names(recipe)
@@ -207,9 +208,17 @@ def run(args: argparse.Namespace) -> Path:
     previous = check_out(run_dir, recipe)
     t0 = time.perf_counter()
     try:
-        dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed, progress=not args.quiet)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", TransparentImages)
+            dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
+                                   progress=not args.quiet)
     except DataError as exc:
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
+    for w in caught:
+        if issubclass(w.category, TransparentImages):
+            print(f"note: {w.message}", file=sys.stderr)
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
     print(f"data: {len(dataset.train.y)} training images, {test_count(dataset)}, "

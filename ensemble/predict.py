@@ -35,7 +35,15 @@ from tqdm.auto import tqdm
 from . import backbones, store
 from . import combiners as comb
 from .combiner_store import CombinerStateError, load_combiner
-from .data import _PIL_ERRORS, ARCHIVE_EXTENSIONS, IMAGE_EXTENSIONS, DataError, decode_images, pil_reason
+from .data import (
+    _PIL_ERRORS,
+    ARCHIVE_EXTENSIONS,
+    IMAGE_EXTENSIONS,
+    DataError,
+    decode_images,
+    has_transparent_pixels,
+    pil_reason,
+)
 from .evaluate import SCALARS, split_metrics
 from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
 from .store import RunError, fit_command
@@ -423,13 +431,10 @@ def _transparency_problem(blob: bytes, channels: int) -> str | None:
         return None
     try:
         with Image.open(io.BytesIO(blob)) as im:
-            bands = im.getbands()
-            if not ("A" in bands or "a" in bands or "transparency" in im.info):
+            if not has_transparent_pixels(im):
                 return None
+            bands, mode = im.getbands(), im.mode
             n = len(bands) + (0 if "A" in bands or "a" in bands else 1)
-            if im.convert("RGBA").getchannel("A").getextrema()[0] == 255:
-                return None  # fully opaque: the alpha channel carries nothing
-            mode = im.mode
     except _PIL_ERRORS:
         return None  # decode_images reports it
     kind = "grayscale" if channels == 1 else "RGB"

@@ -178,12 +178,15 @@ def test_mixed_sizes_and_modes_become_rgb_of_image_size(tmp_path):
     rng_image(rng, (8, 8), "RGB").convert("P").save(tree / "b" / "palette.gif")
     Image.new("RGBA", (11, 11), (10, 20, 30, 40)).save(tree / "b" / "alpha.webp", lossless=True)
     Image.new("RGB", (7, 9), (200, 100, 50)).save(tree / "b" / "scan.TIF")
-    ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
-    assert ds.train.x.shape == (10, 3, 12, 12)
-    assert ds.train.x[9, :, 6, 6].tolist() == [200, 100, 50]  # b/scan.TIF, last in b
+    Image.new("RGBA", (5, 5), (1, 2, 3, 255)).save(tree / "a" / "opaque.png")  # alpha that hides nothing
+    with pytest.warns(data.TransparentImages, match=r"^1 images have transparent pixels \(e\.g\. '.*/b/alpha\.webp'\)"):
+        ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert ds.train.x.shape == (11, 3, 12, 12)
+    assert ds.train.x[10, :, 6, 6].tolist() == [200, 100, 50]  # b/scan.TIF, last in b
     gray = ds.train.x[3]  # a/gray.png sorts after a/00..02.bmp
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
-    alpha = ds.train.x[7]  # b/00..02.bmp, then b/alpha.webp
+    assert ds.train.x[4, :, 2, 2].tolist() == [1, 2, 3]  # a/opaque.png
+    alpha = ds.train.x[8]  # b/00..02.bmp, then b/alpha.webp: its alpha dropped, as ImageFolder's convert("RGB")
     assert alpha[:, 5, 5].tolist() == pytest.approx([10, 20, 30], abs=3)
 
 

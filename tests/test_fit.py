@@ -187,25 +187,44 @@ def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, ses
 
 
 
+def digit_tree(root: Path, n: int = 40) -> Path:
+    """The first `n` digits as 8x8 PNGs in two class folders, root/low and root/high."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for i in range(n):
+        folder = root / ("low" if digits.target[i] < 5 else "high")
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
+    return root
+
+
+FOLDER_RECIPE = """name = "rel"
+[data]
+source = "folder"
+path = "imgs"
+image_size = 8
+[cv]
+folds = 2
+[train]
+epochs = 1
+batch_size = 16
+augment = []
+[[backbones]]
+name = "timm:test_resnet"
+[ensemble]
+combiners = ["mean"]
+"""
+
+
 def test_a_run_with_relative_data_paths_completes_from_another_folder(tmp_path, session_cache, capsys,
                                                                       monkeypatch):
     """fit writes absolute data paths into the run's recipe.toml, so the command that predict and
     report print to complete a run (`fit <run>/recipe.toml --out <run>`) works from any folder."""
-    from PIL import Image
-    from sklearn.datasets import load_digits
-
     project = tmp_path / "project"
-    digits = load_digits()
-    for i in range(40):
-        y = int(digits.target[i])
-        folder = project / "imgs" / ("low" if y < 5 else "high")
-        folder.mkdir(parents=True, exist_ok=True)
-        Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
-    (project / "r.toml").write_text(
-        'name = "rel"\n[data]\nsource = "folder"\npath = "imgs"\nimage_size = 8\n[cv]\nfolds = 2\n'
-        '[train]\nepochs = 1\nbatch_size = 16\naugment = []\n[[backbones]]\nname = "timm:test_resnet"\n'
-        '[ensemble]\ncombiners = ["mean"]\n'
-    )
+    digit_tree(project / "imgs")
+    (project / "r.toml").write_text(FOLDER_RECIPE)
     monkeypatch.chdir(project)
     assert fit.main(fit_args(Path("r.toml"), Path("run"), session_cache)) == 0
     assert f"path = {json.dumps(str(project / 'imgs'))}" in (project / "run" / "recipe.toml").read_text()
@@ -213,6 +232,19 @@ def test_a_run_with_relative_data_paths_completes_from_another_folder(tmp_path, 
     capsys.readouterr()
     assert fit.main(fit_args(project / "run" / "recipe.toml", project / "run", session_cache)) == 0
     assert "rel: 2 jobs, 2 cached, 0 to train" in capsys.readouterr().out
+
+
+def test_fit_notes_training_images_with_transparent_pixels(tmp_path, session_cache, capsys):
+    from PIL import Image
+
+    tree = digit_tree(tmp_path / "imgs")
+    icon = Image.open(tree / "low" / "00.png").convert("RGBA")
+    icon.putalpha(Image.new("L", icon.size, 0))
+    icon.save(tree / "low" / "icon.png")
+    (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(tree))))
+    assert fit.main(fit_args(tmp_path / "r.toml", tmp_path / "run", session_cache)) == 0
+    err = capsys.readouterr().err
+    assert f"note: 1 images have transparent pixels (e.g. '{tree}/low/icon.png'): their alpha channel" in err
 
 
 DEVICES = [  # (device, CUDA devices the machine has, error fragment or None)
