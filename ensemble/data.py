@@ -34,8 +34,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
+from .progress import bar as progress_bar
 from .store import write_npy, write_text
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
@@ -402,7 +402,7 @@ def _read_tree(root: Path, files, dirs, image_size: int, progress: bool, some_cl
     classes, order, labels = _layout(files, dirs, str(root), some_classes)
     names = ["/".join(files[i]) for i in order]
     blobs = []
-    for name in tqdm(names, desc=f"reading {root.name}", unit="img", disable=not progress, leave=False):
+    for name in progress_bar(names, progress=progress, desc=f"reading {root.name}", unit="img"):
         blobs.append((root / name).read_bytes())
     x = _decode_blobs(blobs, [str(root / n) for n in names], image_size, progress)
     return Images(x, torch.from_numpy(labels), classes)
@@ -411,8 +411,8 @@ def _read_tree(root: Path, files, dirs, image_size: int, progress: bool, some_cl
 def _read_archive(path: Path, image_size: int, progress: bool, some_classes: bool = False) -> Images:
     """One sequential pass over the tar members; nothing is extracted to disk."""
     files, dirs, blobs = [], set(), []
-    bar = tqdm(total=path.stat().st_size, desc=f"reading {path.name}", unit="B", unit_scale=True,
-               disable=not progress, leave=False)
+    bar = progress_bar(progress=progress, total=path.stat().st_size, desc=f"reading {path.name}", unit="B",
+                       unit_scale=True)
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
             for member in tf:
@@ -483,7 +483,7 @@ def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progres
     torchvision's libjpeg-turbo decoder (measured fastest here), others by PIL.
     """
     chunks, transparent = [], []
-    with tqdm(total=len(blobs), desc="decoding", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(progress=progress, total=len(blobs), desc="decoding", unit="img") as bar:
         for start in range(0, len(blobs), _CHUNK):
             part = slice(start, start + _CHUNK)
             chunks.append(_decode_chunk(blobs[part], names[part], image_size, transparent))

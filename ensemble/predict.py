@@ -30,7 +30,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import backbones, store
 from . import combiners as comb
@@ -45,6 +44,7 @@ from .data import (
     pil_reason,
 )
 from .evaluate import SCALARS, split_metrics
+from .progress import bar as progress_bar
 from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
 from .store import RunError, fit_command
 from .train import infer, resolve_device, use_channels_last
@@ -324,7 +324,7 @@ def member_logits(members: list[MemberModels], images: torch.Tensor, mean, std, 
     ``images`` uint8 (N, C_img, S, S). The progress bar counts images done by every model.
     """
     out: np.ndarray | None = None
-    with tqdm(total=len(images), desc="predicting", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(progress=progress, total=len(images), desc="predicting", unit="img") as bar:
         for start in range(0, len(images), batch_size):
             xb = images[start : start + batch_size].to(device)
             for i, mm in enumerate(members):
@@ -370,7 +370,7 @@ def read_inputs(paths: list[str], data: DataInfo, progress: bool = False, chunk:
         failures += fail
         notes += note
     images, kept = [], []
-    with tqdm(total=len(entries), desc="reading", unit="img", disable=not progress, leave=False) as bar:
+    with progress_bar(progress=progress, total=len(entries), desc="reading", unit="img") as bar:
         for start in range(0, len(entries), chunk):
             part = entries[start : start + chunk]
             x, ok, failed = _decode_batch(part, data)

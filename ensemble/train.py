@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,9 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .augment import Augment, make_augment, normalize
+from .progress import bar as progress_bar
 from .recipe import TrainConfig
 
 
@@ -235,13 +234,6 @@ def _state_on_cpu(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.state_dict().items()}
 
 
-def progress_interval(stream=None) -> float:
-    """Seconds between progress-bar updates: live on a terminal; every 30 s into a log file,
-    where each update is another line (a night-long job would otherwise write megabytes)."""
-    stream = sys.stderr if stream is None else stream
-    return 0.1 if getattr(stream, "isatty", lambda: False)() else 30.0
-
-
 def _check_finite(row: dict, val_logits: torch.Tensor, cfg: TrainConfig, desc: str) -> None:
     """Raise :class:`DivergedError` when an epoch's train loss or held-out logits are not finite."""
     loss_ok = math.isfinite(row["train_loss"])
@@ -284,8 +276,7 @@ def train_member(
     history: dict = {"epochs": [], "snapshot_epochs": sorted(keep) if cfg.snapshots else []}
     oof, test, states = [], [], []
 
-    with tqdm(total=cfg.epochs * steps, desc=desc, unit="batch", disable=not progress, leave=False,
-              mininterval=progress_interval()) as bar:
+    with progress_bar(progress=progress, total=cfg.epochs * steps, desc=desc, unit="batch") as bar:
         for epoch in range(1, cfg.epochs + 1):
             t0 = time.perf_counter()
             lr = step.optimizer.param_groups[0]["lr"]

@@ -18,7 +18,9 @@ import torch
 
 from ensemble import fit, jobs
 from ensemble.recipe import TrainConfig
-from ensemble.train import TrainStep, infer, progress_interval, run_epoch
+from ensemble.progress import bar as progress_bar
+from ensemble.progress import interval as progress_interval
+from ensemble.train import TrainStep, infer, run_epoch
 
 from conftest import TINY_RECIPE
 
@@ -288,6 +290,14 @@ def test_progress_bars_update_live_on_a_terminal_and_rarely_into_a_log():
 
     assert progress_interval(Terminal()) == 0.1
     assert progress_interval(io.StringIO()) == 30.0  # `fit ... > log 2>&1`: a line every 30 s, not 10 a second
+
+
+def test_a_bar_in_a_log_file_ends_its_line_so_an_error_after_it_starts_a_new_one(monkeypatch):
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    with progress_bar(total=4, desc="job") as bar:
+        bar.update(2)  # stopped half-way, as by an error
+    assert log.getvalue().endswith("\n") and "job:  50%" in log.getvalue().splitlines()[-1]
 
 
 def test_a_job_writes_no_per_epoch_progress_lines_into_a_log(monkeypatch):

@@ -1,0 +1,29 @@
+"""Progress bars: live on a terminal; into a log file, a line every 30 s that stays.
+
+On a terminal a bar redraws ten times a second and is cleared when done. Written into
+a log file (``fit ... > log 2>&1``) each redraw is another line, so a bar redraws every
+30 s and its last state stays, ending its line: a message that follows starts a line
+of its own instead of landing on the bar's.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from tqdm.auto import tqdm
+
+
+def is_terminal(stream=None) -> bool:
+    stream = sys.stderr if stream is None else stream
+    return bool(getattr(stream, "isatty", lambda: False)())
+
+
+def interval(stream=None) -> float:
+    """Seconds between redraws: 0.1 on a terminal, 30 into a log file."""
+    return 0.1 if is_terminal(stream) else 30.0
+
+
+def bar(iterable=None, *, progress: bool = True, **kwargs) -> tqdm:
+    """A tqdm bar on stderr (hidden when ``progress`` is false) that behaves as the module says."""
+    terminal = is_terminal()
+    return tqdm(iterable, disable=not progress, leave=not terminal, mininterval=interval(), **kwargs)
