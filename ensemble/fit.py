@@ -75,13 +75,7 @@ def make_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def class_list(classes, shown: int = 10) -> str:
-    """The class names for the data line, the first ``shown`` of a long list."""
-    more = len(classes) - shown
-    return ", ".join(classes[:shown]) + (f", ... ({more} more)" if more > 0 else "")
-
-
-def test_count(dataset) -> str:
+def test_set_size(dataset) -> str:
     """'N test', naming how many classes the test set holds when it lacks some."""
     if dataset.test is None:
         return "0 test"
@@ -221,8 +215,8 @@ def run(args: argparse.Namespace) -> Path:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
-    print(f"data: {len(dataset.train.y)} training images, {test_count(dataset)}, "
-          f"{len(dataset.train.classes)} classes: {class_list(dataset.train.classes)} "
+    print(f"data: {len(dataset.train.y)} training images, {test_set_size(dataset)}, "
+          f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
           f"({time.perf_counter() - t0:.1f} s)")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]

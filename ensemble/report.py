@@ -529,10 +529,11 @@ _CAPTIONS = {
 }
 
 
-def _caption(name: str) -> str:
-    if name.startswith("curves_"):
-        return (f"Learning curves of {name[len('curves_'):-len('.png')]}: one thin line per fold, "
-                f"bold = mean over folds; dashed = snapshot cycle ends.")
+def _caption(run: Run, name: str) -> str:
+    for alias, epochs in run.snapshot_epochs.items():
+        if name == f"curves_{_file_safe(alias)}.png":
+            snapshots = "; dashed = a snapshot kept (cycle end)" if epochs else ""
+            return f"Learning curves of {alias}: one thin line per fold, bold = mean over folds{snapshots}."
     return _CAPTIONS.get(name, name)
 
 
@@ -577,13 +578,15 @@ def render_html(run: Run, pngs: dict) -> str:
     figures = "\n".join(
         f'<figure><img alt="{html.escape(name)}" src="data:image/png;base64,'
         f'{base64.b64encode(data).decode("ascii")}"><figcaption><code>{html.escape(name)}</code>: '
-        f'{html.escape(_caption(name))}</figcaption></figure>'
+        f'{html.escape(_caption(run, name))}</figcaption></figure>'
         for name, data in pngs.items())
     title = html.escape(run.name)
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{title}: ensemble report</title><style>{_CSS}</style></head><body>\n"
             f"<h1>{title}</h1>\n"
             f"<p>Run folder <code>{html.escape(str(run.path))}</code>, metrics written {run.date}; "
+            f"{len(run.y)} training images (OOF rows), {len(run.classes)} classes: "
+            f"{html.escape(store.class_list(run.classes))}; "
             f"report generated {now}. Best combiner (nested OOF accuracy): "
             f"<b>{html.escape(str(run.metrics.get('best')))}</b>.</p>\n"
             f"<h2>Metrics</h2>\n{metrics_table(run.metrics)}\n<h2>Plots</h2>\n{figures}\n"

@@ -82,6 +82,12 @@ def fit_command(run_dir: Path) -> str:
     return f"python -m ensemble.fit {Path(run_dir) / 'recipe.toml'} --out {run_dir}"
 
 
+def class_list(classes, shown: int = 10) -> str:
+    """The class names as fit and the report print them: the first ``shown`` of a long list."""
+    more = len(classes) - shown
+    return ", ".join(classes[:shown]) + (f", ... ({more} more)" if more > 0 else "")
+
+
 def require_run_folder(run_dir: Path) -> None:
     """RunError unless ``run_dir`` holds the ``recipe.toml`` that ``fit`` writes first."""
     if not (Path(run_dir) / "recipe.toml").is_file():

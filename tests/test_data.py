@@ -213,7 +213,7 @@ def test_a_test_set_may_hold_some_of_the_classes(tmp_path):
     (test / "cat").mkdir()  # empty: no class of the test set
     ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
     assert ds.test.classes == CLASSES and ds.test.y.tolist() == [2, 2] and len(ds.test.x) == 2
-    assert fit.test_count(ds) == "2 test (1 of 3 classes)"  # fit's data line says so
+    assert fit.test_set_size(ds) == "2 test (1 of 3 classes)"  # fit's data line says so
     with pytest.raises(DataError, match="cat' has no images"):  # the same tree as training data is refused
         load(tmp_path / "cache", source="folder", path=str(test), image_size=12)
 
