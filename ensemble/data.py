@@ -51,8 +51,9 @@ class DataError(ValueError):
     """A problem with the user's data or data settings; the message says how to fix it."""
 
 
-class TransparentImages(UserWarning):
-    """Training images with transparent pixels were decoded with their alpha channel dropped."""
+class DataNote(UserWarning):
+    """Something the user should know about their images (fit prints it as a note): files skipped,
+    transparent pixels shown. Warned when the images are decoded, not again from the cache."""
 
 
 @dataclass(frozen=True)
@@ -349,10 +350,10 @@ def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress
     if some_classes:
         base["some_classes"] = True  # its class list differs from the same tree read as training data
     if root.is_dir():
-        files, dirs = _walk_tree(root)
+        files, dirs, others = _walk_tree(root)
         stats = [(p, *_size_mtime(root.joinpath(*p))) for p in files]
         key = {**base, "files": stats}
-        read = partial(_read_tree, root, files, dirs, cfg.image_size, progress, some_classes)
+        read = partial(_read_tree, root, files, dirs, others, cfg.image_size, progress, some_classes)
     else:
         st = root.stat()
         key = {**base, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
@@ -387,19 +388,31 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_tree(root: Path) -> tuple[list[tuple[str, ...]], set[tuple[str, ...]]]:
-    """Relative path parts of the image files and of the folders under `root`."""
-    files, dirs = [], set()
+def _walk_tree(root: Path) -> tuple[list[tuple[str, ...]], set[tuple[str, ...]], list[tuple[str, ...]]]:
+    """Relative path parts of the image files, of the folders and of the other (non-hidden) files under `root`."""
+    files, dirs, others = [], set(), []
     for here, subdirs, names in os.walk(root, followlinks=True):
         rel = Path(here).relative_to(root).parts
         subdirs[:] = sorted(d for d in subdirs if not _hidden((d,)))
         dirs.update(rel + (d,) for d in subdirs)
-        files.extend(rel + (n,) for n in names if _is_image(n) and not _hidden((n,)))
-    return sorted(files), dirs
+        for n in names:
+            if not _hidden((n,)):
+                (files if _is_image(n) else others).append(rel + (n,))
+    return sorted(files), dirs, sorted(others)
 
 
-def _read_tree(root: Path, files, dirs, image_size: int, progress: bool, some_classes: bool = False) -> Images:
+def _note_skipped(where: str, others: list[tuple[str, ...]]) -> None:
+    if others:
+        warnings.warn(DataNote(
+            f"'{where}': skipped {len(others)} files that are not images (e.g. '{'/'.join(others[0])}'); "
+            f"images end in {', '.join(IMAGE_EXTENSIONS)}"
+        ), stacklevel=2)
+
+
+def _read_tree(root: Path, files, dirs, others, image_size: int, progress: bool,
+               some_classes: bool = False) -> Images:
     classes, order, labels = _layout(files, dirs, str(root), some_classes)
+    _note_skipped(str(root), others)
     names = ["/".join(files[i]) for i in order]
     blobs = []
     for name in progress_bar(names, progress=progress, desc=f"reading {root.name}", unit="img"):
@@ -410,7 +423,7 @@ def _read_tree(root: Path, files, dirs, image_size: int, progress: bool, some_cl
 
 def _read_archive(path: Path, image_size: int, progress: bool, some_classes: bool = False) -> Images:
     """One sequential pass over the tar members; nothing is extracted to disk."""
-    files, dirs, blobs = [], set(), []
+    files, dirs, blobs, others = [], set(), [], []
     bar = progress_bar(progress=progress, total=path.stat().st_size, desc=f"reading {path.name}", unit="B",
                        unit_scale=True)
     try:
@@ -425,12 +438,15 @@ def _read_archive(path: Path, image_size: int, progress: bool, some_classes: boo
                     files.append(parts)
                     blobs.append(tf.extractfile(member).read())
                     dirs.update(parts[:i] for i in range(1, len(parts)))
+                elif member.isfile():
+                    others.append(parts)
                 bar.update(raw.tell() - bar.n)
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         raise DataError(f"cannot read the archive '{path}' ({err}); it is damaged or not a tar: replace it") from err
     finally:
         bar.close()
     classes, order, labels = _layout(files, dirs, str(path), some_classes)
+    _note_skipped(str(path), others)
     x = _decode_blobs([blobs[i] for i in order], [f"{path}:{'/'.join(files[i])}" for i in order], image_size, progress)
     return Images(x, torch.from_numpy(labels), classes)
 
@@ -489,7 +505,7 @@ def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progres
             chunks.append(_decode_chunk(blobs[part], names[part], image_size, transparent))
             bar.update(len(chunks[-1]))
     if transparent:
-        warnings.warn(TransparentImages(
+        warnings.warn(DataNote(
             f"{len(transparent)} images have transparent pixels (e.g. '{transparent[0]}'): their alpha channel is "
             "dropped, as torchvision's ImageFolder does, and the colours under it are trained on; flatten them "
             "onto a background first if those colours are arbitrary (predict refuses such images)"

@@ -193,7 +193,7 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
 
 def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
-    from .data import DataError, TransparentImages, load_dataset
+    from .data import DataError, DataNote, load_dataset
 
     recipe = recipe_mod.with_absolute_paths(recipe_mod.load(args.recipe, args.set))
     recipe_mod.check_names(recipe)
@@ -203,13 +203,13 @@ def run(args: argparse.Namespace) -> Path:
     t0 = time.perf_counter()
     try:
         with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", TransparentImages)
+            warnings.simplefilter("always", DataNote)
             dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
                                    progress=not args.quiet)
     except DataError as exc:
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     for w in caught:
-        if issubclass(w.category, TransparentImages):
+        if issubclass(w.category, DataNote):
             print(f"note: {w.message}", file=sys.stderr)
         else:
             warnings.showwarning(w.message, w.category, w.filename, w.lineno)

@@ -179,7 +179,7 @@ def test_mixed_sizes_and_modes_become_rgb_of_image_size(tmp_path):
     Image.new("RGBA", (11, 11), (10, 20, 30, 40)).save(tree / "b" / "alpha.webp", lossless=True)
     Image.new("RGB", (7, 9), (200, 100, 50)).save(tree / "b" / "scan.TIF")
     Image.new("RGBA", (5, 5), (1, 2, 3, 255)).save(tree / "a" / "opaque.png")  # alpha that hides nothing
-    with pytest.warns(data.TransparentImages, match=r"^1 images have transparent pixels \(e\.g\. '.*/b/alpha\.webp'\)"):
+    with pytest.warns(data.DataNote, match=r"^1 images have transparent pixels \(e\.g\. '.*/b/alpha\.webp'\)"):
         ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
     assert ds.train.x.shape == (11, 3, 12, 12)
     assert ds.train.x[10, :, 6, 6].tolist() == [200, 100, 50]  # b/scan.TIF, last in b
@@ -188,6 +188,17 @@ def test_mixed_sizes_and_modes_become_rgb_of_image_size(tmp_path):
     assert ds.train.x[4, :, 2, 2].tolist() == [1, 2, 3]  # a/opaque.png
     alpha = ds.train.x[8]  # b/00..02.bmp, then b/alpha.webp: its alpha dropped, as ImageFolder's convert("RGB")
     assert alpha[:, 5, 5].tolist() == pytest.approx([10, 20, 30], abs=3)
+
+
+def test_files_that_are_not_images_are_skipped_with_a_note(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    (tree / "cat" / "notes.txt").write_text("not an image")
+    (tree / "labels.csv").write_text("file,label")
+    (tree / "dog" / ".DS_Store").write_bytes(b"hidden: skipped without a word")
+    for path in (tree, make_tar(tree, tmp_path / "tree.tar")):
+        with pytest.warns(data.DataNote, match=r"skipped 2 files that are not images \(e\.g\. 'cat/notes\.txt'\)"):
+            ds = load(tmp_path / "cache", source="folder", path=str(path), image_size=12)
+        assert len(ds.train.y) == 9 and ds.train.classes == CLASSES
 
 
 def test_all_grayscale_stays_one_channel(tmp_path):
