@@ -522,12 +522,15 @@ def make_meta_learner(name: str, params: dict[str, Any]):
     if not isinstance(params, dict):
         raise ValueError(f"stacking: meta_params must be a dict; got {type(params).__name__}")
     try:
-        return cls(**{**defaults, **params})
-    except TypeError as exc:
+        estimator = cls(**{**defaults, **params})
+        # scikit-learn checks values only when fitting: check them now, not after hours of training
+        getattr(estimator, "_validate_params", lambda: None)()
+    except (TypeError, ValueError) as exc:
         raise ValueError(
             f"stacking: meta_params {params} not accepted by {cls.__name__} ({exc}); "
             f"see its scikit-learn documentation for valid arguments"
         ) from None
+    return estimator
 
 
 @register

@@ -175,6 +175,7 @@ def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: lis
         (store.job_dir(run_dir, job.alias, job.fold) / "done.json").unlink(missing_ok=True)
     if pending or previous != recipe_mod.dumps(recipe):
         (run_dir / "metrics.json").unlink(missing_ok=True)
+        (run_dir / "metrics.csv").unlink(missing_ok=True)
         (run_dir / "combiners" / "index.json").unlink(missing_ok=True)
         shutil.rmtree(run_dir / "report", ignore_errors=True)  # fit (or `report`) writes a new one
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import re
 import sys
@@ -153,6 +154,8 @@ def _convert(value: Any, tp, key: str, fail) -> Any:
         return dict(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise fail(f"must be {_type_name(tp)}, got {value!r}")
+    if tp is float and not math.isfinite(value):
+        raise fail(f"must be a finite number, got {value!r}")
     return value
 
 
@@ -277,17 +280,23 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 def apply_override(table: dict, path: list[str], value: Any) -> None:
     """Set ``value`` at a dotted path; ``backbones.1.epochs`` addresses the second backbone."""
+    key = ".".join(path)
     node: Any = table
-    for i, part in enumerate(path[:-1]):
+    for i, part in enumerate(path):
+        last = i == len(path) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"--set {'.'.join(path)}: no list item {part!r} (there are {len(node)})")
-            node = node[int(part)]
+                raise RecipeError(f"--set {key}: no list item {part!r} (there are {len(node)}); "
+                                  "address a list item by index, e.g. backbones.0.epochs")
+            part = int(part)
+        elif not isinstance(node, dict):
+            where = ".".join(path[:i])
+            raise RecipeError(f"--set {key}: {where} is a value ({node!r}), not a table; set it with "
+                              f"--set {where}=...")
+        if last:
+            node[part] = value
         else:
-            node = node.setdefault(part, {})
-    if isinstance(node, list):
-        raise RecipeError(f"--set {'.'.join(path)}: address a list item by index, e.g. backbones.0.epochs")
-    node[path[-1]] = value
+            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
 
 
 def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:

@@ -17,7 +17,6 @@ import io
 import json
 import re
 import sys
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from matplotlib.ticker import PercentFormatter
 
 from ensemble import store
 from ensemble.metrics import ece, reliability, softmax
+from ensemble.recipe import tomllib
 
 DPI = 110
 MEMBER_COLORS = ("#1f77b4", "#9ecae1")     # OOF, test

@@ -88,7 +88,7 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
     done = {p.parent.relative_to(run / "members").as_posix() for p in run.glob("members/*/fold*/done.json")}
     assert done == {"test_resnet/fold0", "test_resnet/fold1", "test_resnet/fold2"}
     assert not (run / "metrics.json").exists() and not (run / "combiners" / "index.json").exists()
-    assert not (run / "report").exists()  # it would describe the old members
+    assert not (run / "metrics.csv").exists() and not (run / "report").exists()  # both describe the old members
 
     assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", "backbones.1.lr=0.02")) == 0
     assert "6 jobs, 3 cached, 3 to train" in capsys.readouterr().out

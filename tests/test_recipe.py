@@ -39,6 +39,10 @@ BAD_OVERRIDES = [
     (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
     (["ensemble.meta_learner='svm'"], "cannot build combiner 'stacking'"),
+    (["ensemble.meta_params={C=-1.0}"], "The 'C' parameter of LogisticRegression must be a float in the range"),
+    (["train.lr=inf"], "digits_5fold.toml: train.lr must be a finite number, got inf"),
+    (["seed.x=1"], "--set seed.x: seed is a value (0), not a table; set it with --set seed=..."),
+    (["backbones.3.lr=0.1"], "--set backbones.3.lr: no list item '3' (there are 3)"),
     (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
     (["backbones=[]"], "backbones must be a non-empty list"),
     (["train.epochs"], "--set expects key=value, got 'train.epochs'"),
@@ -103,6 +107,11 @@ def test_out_holding_another_run_is_refused(tmp_path, capsys):
     assert fit.main([str(DIGITS), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "holds the run 'cifar10_cpu', not 'digits_5fold'" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["recipe.toml"]
+
+
+def test_a_list_item_can_be_set_by_index():
+    r = recipe.load(DIGITS, ["train.augment.0='flip'"])
+    assert r.train.augment == ("flip",)
 
 
 def test_overrides_and_backbone_inheritance():
