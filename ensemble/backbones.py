@@ -134,8 +134,14 @@ def load_weights(model: nn.Module, path: str) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
     usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not usable:
-        raise BackboneError(f"weights {path!r} share no tensor with {type(model).__name__}")
+    params = [k for k, _ in model.named_parameters()]
+    loaded = sum(k in usable for k in params)
+    if loaded * 2 < len(params):  # a new head (and stem) skips a few tensors, not most of them
+        missing = next(k for k in params if k not in usable)
+        raise BackboneError(
+            f"weights {path!r} fit only {loaded} of the {len(params)} parameter tensors of "
+            f"{type(model).__name__} (e.g. none for {missing!r}): are they another architecture's?"
+        )
     model.load_state_dict(usable, strict=False)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import os
 import platform
 import sys
@@ -63,9 +64,25 @@ class SharedData:
 
 
 def _shaping(b: BackboneConfig) -> dict:
+    """What decides a backbone's trained weights. A pretrained file counts by its content, not
+    its path: a file replaced in place retrains, one moved elsewhere does not."""
     d = dataclasses.asdict(b)
     d["train"] = {k: v for k, v in d["train"].items() if k not in PERFORMANCE_KEYS}
+    if b.pretrained:
+        d["pretrained"] = _file_digest(Path(b.pretrained))
     return d
+
+
+def _file_digest(path: Path) -> str:
+    """sha256 of a file's bytes; "missing" when it cannot be read (building the backbone says why)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return "missing"
+    return h.hexdigest()
 
 
 def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray) -> list[Job]:
@@ -73,8 +90,9 @@ def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray) -> list[Job]:
     folds_fp = store.fingerprint(folds)
     jobs = []
     for b in recipe.backbones:
+        shaping = _shaping(b)
         for k in range(recipe.cv.folds):
-            key = store.fingerprint(CACHE_VERSION, data_fingerprint, _shaping(b), folds_fp, recipe.seed, k)
+            key = store.fingerprint(CACHE_VERSION, data_fingerprint, shaping, folds_fp, recipe.seed, k)
             seed = int(store.fingerprint(recipe.seed, b.alias, k), 16) % 2**31
             jobs.append(Job(b.alias, k, b, key, seed))
     return jobs

@@ -320,12 +320,19 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
 
 
 def with_absolute_paths(recipe: Recipe) -> Recipe:
-    """The recipe with its relative data paths made absolute (relative paths start from the current
-    folder), so that the ``recipe.toml`` fit writes into a run folder works from any folder."""
+    """The recipe with its relative data and pretrained-weights paths made absolute (relative paths
+    start from the current folder), so that the ``recipe.toml`` fit writes into a run folder works
+    from any folder."""
     data = recipe.data
     keys = ("path", "test_path") + (("root",) if data.source not in ("digits", "folder") else ())
-    absolute = {k: os.path.abspath(os.path.expanduser(v)) for k in keys if (v := getattr(data, k))}
-    return dataclasses.replace(recipe, data=dataclasses.replace(data, **absolute))
+    absolute = {k: _absolute(v) for k in keys if (v := getattr(data, k))}
+    backbones = tuple(dataclasses.replace(b, pretrained=_absolute(b.pretrained)) if b.pretrained else b
+                      for b in recipe.backbones)
+    return dataclasses.replace(recipe, data=dataclasses.replace(data, **absolute), backbones=backbones)
+
+
+def _absolute(path: str) -> str:
+    return os.path.abspath(os.path.expanduser(path))
 
 
 # --------------------------------------------------------------------------- saving

@@ -137,6 +137,54 @@ def test_timm_names_with_a_pretrained_tag_are_models():
     recipe.check_backbone_names(r)  # no BackboneError: the tag names weights of timm:resnet18
 
 
+def test_pretrained_weights_load_but_the_head_and_another_architectures_are_refused(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from ensemble import backbones
+
+    def saved(name: str) -> tuple[dict, str]:
+        state = {k: v.contiguous() for k, v in backbones.create(name, num_classes=5).state_dict().items()}
+        save_file(state, tmp_path / f"{name[5:]}.safetensors")
+        return state, str(tmp_path / f"{name[5:]}.safetensors")
+
+    state, path = saved("timm:test_resnet")
+    got = backbones.create("timm:test_resnet", num_classes=10, pretrained=path).state_dict()
+    same = [k for k, v in state.items() if got[k].shape == v.shape]
+    assert len(same) == len(state) - 2 and all(torch.equal(got[k], state[k]) for k in same)  # all but the head
+    _, other = saved("timm:test_efficientnet")
+    with pytest.raises(backbones.BackboneError, match=r"fit only \d+ of the \d+ parameter tensors of ResNet"):
+        backbones.create("timm:test_resnet", num_classes=10, pretrained=other)
+
+
+def test_a_pretrained_file_counts_in_the_job_key_by_its_content(tmp_path):
+    import dataclasses
+
+    from ensemble import jobs
+
+    first = recipe.load(DIGITS).backbones[0]
+    (tmp_path / "a.pt").write_bytes(b"weights")
+    (tmp_path / "moved.pt").write_bytes(b"weights")
+
+    def key(name: str) -> dict:
+        return jobs._shaping(dataclasses.replace(first, pretrained=str(tmp_path / name)))
+
+    assert key("a.pt") == key("moved.pt")  # the same weights elsewhere: cached jobs stay valid
+    (tmp_path / "a.pt").write_bytes(b"other weights")
+    assert key("a.pt") != key("moved.pt")  # replaced in place: its jobs retrain
+
+
+def test_the_readme_recipe_block_is_a_valid_recipe_of_defaults(tmp_path):
+    """The README's annotated recipe loads as it stands, and it shows each default value."""
+    text = (ROOT / "README.md").read_text()
+    start = text.index("```toml\n") + len("```toml\n")
+    (tmp_path / "readme.toml").write_text(text[start:text.index("```", start)])
+    shown = recipe.load(tmp_path / "readme.toml")
+    assert shown.name == "digits_5fold" and shown.backbones[0].name == "timm:resnet18"
+    assert (shown.data, shown.cv, shown.train, shown.ensemble) == (
+        recipe.DataConfig(), recipe.CVConfig(), recipe.TrainConfig(), recipe.EnsembleConfig())
+
+
 def test_recipe_is_frozen():
     r = recipe.load(DIGITS)
     with pytest.raises(AttributeError):
