@@ -401,10 +401,14 @@ def _walk_tree(root: Path) -> tuple[list[tuple[str, ...]], set[tuple[str, ...]],
     return sorted(files), dirs, sorted(others)
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
 def _note_skipped(where: str, others: list[tuple[str, ...]]) -> None:
     if others:
         warnings.warn(DataNote(
-            f"'{where}': skipped {len(others)} files that are not images (e.g. '{'/'.join(others[0])}'); "
+            f"'{where}': skipped {_count(len(others), 'file')} that are not images (e.g. '{'/'.join(others[0])}'); "
             f"images end in {', '.join(IMAGE_EXTENSIONS)}"
         ), stacklevel=2)
 
@@ -506,8 +510,8 @@ def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progres
             bar.update(len(chunks[-1]))
     if transparent:
         warnings.warn(DataNote(
-            f"{len(transparent)} images have transparent pixels (e.g. '{transparent[0]}'): their alpha channel is "
-            "dropped, as torchvision's ImageFolder does, and the colours under it are trained on; flatten them "
+            f"{_count(len(transparent), 'image')} with transparent pixels (e.g. '{transparent[0]}'): the alpha "
+            "channel is dropped, as torchvision's ImageFolder does, and the colours under it are trained on; flatten them "
             "onto a background first if those colours are arbitrary (predict refuses such images)"
         ), stacklevel=2)
     channels = max(c.shape[1] for c in chunks)

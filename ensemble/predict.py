@@ -598,7 +598,7 @@ def _recorded_scores(run_dir: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("run", type=Path, help="a run folder written by `python -m ensemble.fit`")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, folders, ImageFolder trees (labelled) or .tar/.tar.gz of them")

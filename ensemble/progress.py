@@ -25,5 +25,6 @@ def interval(stream=None) -> float:
 
 def bar(iterable=None, *, progress: bool = True, **kwargs) -> tqdm:
     """A tqdm bar on stderr (hidden when ``progress`` is false) that behaves as the module says."""
-    terminal = is_terminal()
-    return tqdm(iterable, disable=not progress, leave=not terminal, mininterval=interval(), **kwargs)
+    seconds = interval()  # tqdm's monitor redraws after `maxinterval` (10 s) unless it is raised too
+    return tqdm(iterable, disable=not progress, leave=not is_terminal(), mininterval=seconds,
+                maxinterval=max(seconds, 10.0), **kwargs)

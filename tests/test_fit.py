@@ -244,7 +244,7 @@ def test_fit_notes_training_images_with_transparent_pixels(tmp_path, session_cac
     (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(tree))))
     assert fit.main(fit_args(tmp_path / "r.toml", tmp_path / "run", session_cache)) == 0
     err = capsys.readouterr().err
-    assert f"note: 1 images have transparent pixels (e.g. '{tree}/low/icon.png'): their alpha channel" in err
+    assert f"note: 1 image with transparent pixels (e.g. '{tree}/low/icon.png'): the alpha channel" in err
 
 
 DEVICES = [  # (device, CUDA devices the machine has, error fragment or None)

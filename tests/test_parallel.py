@@ -298,6 +298,7 @@ def test_a_bar_in_a_log_file_ends_its_line_so_an_error_after_it_starts_a_new_one
     with progress_bar(total=4, desc="job") as bar:
         bar.update(2)  # stopped half-way, as by an error
     assert log.getvalue().endswith("\n") and "job:  50%" in log.getvalue().splitlines()[-1]
+    assert bar.mininterval == bar.maxinterval == 30.0  # tqdm's monitor would redraw every 10 s
 
 
 def test_a_job_writes_no_per_epoch_progress_lines_into_a_log(monkeypatch):

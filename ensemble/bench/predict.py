@@ -30,7 +30,7 @@ from ensemble.train import infer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.bench predict", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m ensemble.bench predict", description=__doc__.splitlines()[0].replace("``", ""))
     p.add_argument("--backbone", default="timm:resnet18", help="backbone name (default timm:resnet18)")
     p.add_argument("--stem", default="default", choices=("default", "cifar"), help="stem (default: default)")
     p.add_argument("--folds", type=int, default=5, help="fold models (default 5)")
