@@ -237,8 +237,10 @@ def _check_cross_fields(r: Recipe, where: str) -> None:
     for i, b in enumerate(r.backbones):
         t = b.train
         if t.snapshots and t.epochs % t.snapshots:
+            inherited = (t.snapshots, t.epochs) == (r.train.snapshots, r.train.epochs)
+            key = "train" if inherited else f"backbones[{i}]"
             raise RecipeError(
-                f"{where}: backbones[{i}].snapshots = {t.snapshots} must divide epochs = {t.epochs} "
+                f"{where}: {key}.snapshots = {t.snapshots} must divide epochs = {t.epochs} "
                 "(each snapshot is kept at the end of an epoch)"
             )
     if r.data.source == "folder" and not r.data.path:

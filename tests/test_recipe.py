@@ -36,6 +36,7 @@ BAD_OVERRIDES = [
      "backbones[0] (timm:test_resnet) cannot be built: pretrained weights file not found: '/no/such.pt'"),
     (["backbones.1.model_args={bogus_arg=1}"], "backbones[1] (timm:test_efficientnet) cannot be built: TypeError"),
     (["backbones.2.snapshots=3"], "backbones[2].snapshots = 3 must divide epochs = 16"),
+    (["train.snapshots=3"], "digits_5fold.toml: train.snapshots = 3 must divide epochs = 16"),
     (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
     (["ensemble.meta_learner='svm'"], "cannot build combiner 'stacking'"),
