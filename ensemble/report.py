@@ -488,6 +488,7 @@ def ensemble_size_figure(run: Run) -> Figure:
     ax.set_xticks(np.arange(1, n + 1), labels=labels, rotation=90,
                   fontsize=_fontsize(n, 0.32 * n, largest=9))
     ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    ax.set_ylim(top=min(ax.get_ylim()[1], 1.005))  # autoscale's margin would show accuracies above 100%
     ax.set_xlabel("ensemble size n (member added at step n)")
     ax.set_ylabel("OOF accuracy (% correct)")
     ax.grid(alpha=0.3)
