@@ -133,16 +133,24 @@ def load_weights(model: nn.Module, path: str) -> None:
         raise BackboneError(f"cannot read weights {path!r}: {exc}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
-    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    params = [k for k, _ in model.named_parameters()]
-    loaded = sum(k in usable for k in params)
-    if loaded * 2 < len(params):  # a new head (and stem) skips a few tensors, not most of them
-        missing = next(k for k in params if k not in usable)
-        raise BackboneError(
-            f"weights {path!r} fit only {loaded} of the {len(params)} parameter tensors of "
-            f"{type(model).__name__} (e.g. none for {missing!r}): are they another architecture's?"
-        )
-    model.load_state_dict(usable, strict=False)
+    _check_same_architecture(own, state, f"weights {path!r}", type(model).__name__)
+    model.load_state_dict({k: v for k, v in state.items() if own[k].shape == v.shape}, strict=False)
+
+
+_RESHAPED_AT_MOST = 4  # a new head (weight, bias) and a stem for other channels (conv, maybe a norm)
+
+
+def _check_same_architecture(own: dict, state: dict, what: str, model: str) -> None:
+    """BackboneError unless `state` has every tensor name of the model and no other, with at most
+    a few (the head, the stem) of another shape: weights of another depth or width are refused."""
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    reshaped = [k for k in own if k in state and own[k].shape != state[k].shape]
+    if missing or extra or len(reshaped) > _RESHAPED_AT_MOST:
+        example = (f"{len(missing)} tensors missing (e.g. {missing[0]!r})" if missing else
+                   f"{len(extra)} tensors it lacks (e.g. {extra[0]!r})" if extra else
+                   f"{len(reshaped)} tensors of another shape (e.g. {reshaped[0]!r})")
+        raise BackboneError(f"{what} are not {model}'s: {example}; give weights of the same architecture")
 
 
 def create(

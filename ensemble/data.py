@@ -16,12 +16,14 @@ source (path, sizes, mtimes, image size), so a second load skips decoding. The
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
 import math
 import os
 import re
+import sys
 import tarfile
 import warnings
 import zlib
@@ -52,8 +54,42 @@ class DataError(ValueError):
 
 
 class DataNote(UserWarning):
-    """Something the user should know about their images (fit prints it as a note): files skipped,
-    transparent pixels shown. Warned when the images are decoded, not again from the cache."""
+    """Something the user should know about their images: files skipped, transparent pixels shown.
+    Warned on every load (kept with the cached arrays); the commands print it as a note."""
+
+
+@contextlib.contextmanager
+def notes_printed():
+    """Print each DataNote warned inside as a ``note:`` line on stderr, also when loading fails;
+    other warnings go on as usual."""
+    notes: list[str] = []
+    try:
+        with _notes_kept(notes):
+            yield
+    finally:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
+
+
+@contextlib.contextmanager
+def _notes_kept(notes: list[str]):
+    """Append the message of each DataNote warned inside to `notes`; other warnings go on as usual."""
+    caught: list = []
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", DataNote)
+            yield
+    finally:
+        for w in caught:
+            if issubclass(w.category, DataNote):
+                notes.append(str(w.message))
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
+
+def _warn_notes(notes: list[str]) -> None:
+    for note in notes:
+        warnings.warn(DataNote(note), stacklevel=3)
 
 
 @dataclass(frozen=True)
@@ -119,8 +155,7 @@ def read_source(cfg, cache_dir: Path, progress: bool = True) -> tuple[Images, Im
     cache_dir = Path(cache_dir)
     train, test = _load_source(cfg, cache_dir, progress)
     if cfg.test_path:
-        test = _match_classes(train, _load_folder_cached(cfg.test_path, "data.test_path", cfg, cache_dir, progress,
-                                                         some_classes=True))
+        test = _load_folder_cached(cfg.test_path, "data.test_path", cfg, cache_dir, progress, known=train.classes)
     return train, test
 
 
@@ -196,21 +231,6 @@ def _subset(images: Images, idx: np.ndarray) -> Images:
     return Images(images.x[index].contiguous(), images.y[index].contiguous(), images.classes)
 
 
-def _match_classes(train: Images, test: Images) -> Images:
-    """The test images labelled by the training classes; the test set may lack some of them."""
-    extra = sorted(set(test.classes) - set(train.classes))
-    if extra:
-        raise DataError(
-            f"data.test_path has class folders that the training data lacks: {extra[:5]}"
-            f"{' ...' if len(extra) > 5 else ''}; the models cannot predict them: remove them from the test set "
-            "or add them to the training data"
-        )
-    if test.classes == train.classes:
-        return test
-    index = torch.tensor([train.classes.index(c) for c in test.classes], dtype=torch.int64)
-    return Images(test.x, index[test.y], train.classes)
-
-
 def _same_channels(train: Images, test: Images | None) -> tuple[Images, Images | None]:
     """Grayscale stays 1 channel only if both parts are grayscale; else both become RGB."""
     if test is None or test.x.shape[1] == train.x.shape[1]:
@@ -258,37 +278,49 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
 def _cached(
     cache_dir: Path, name: str, key: dict, read: Callable[[], tuple[Images, Images | None]]
 ) -> tuple[Images, Images | None]:
-    """Return `read()`, from `cache_dir/<name>-<hash of key>/` when it was decoded before."""
+    """Return `read()`, from `cache_dir/<name>-<hash of key>/` when it was decoded before.
+
+    The DataNotes that decoding warned are kept with the arrays and warned again on every load.
+    """
     digest = hashlib.sha256(json.dumps({"v": _CACHE_VERSION, **key}, sort_keys=True).encode()).hexdigest()[:16]
     folder = cache_dir / f"{name}-{digest}"
     hit = _read_cache(folder)
     if hit is not None:
-        return hit
-    train, test = read()
-    _write_cache(folder, key, train, test)
+        train, test, notes = hit
+    else:
+        notes: list[str] = []
+        try:
+            with _notes_kept(notes):
+                train, test = read()
+        except DataError:
+            _warn_notes(notes)  # a note may explain the error: a tree of .heic files has "no images"
+            raise
+        _write_cache(folder, key, train, test, notes)
+    _warn_notes(notes)
     return train, test
 
 
-def _read_cache(folder: Path) -> tuple[Images, Images | None] | None:
+def _read_cache(folder: Path) -> tuple[Images, Images | None, list[str]] | None:
     try:
         meta = json.loads((folder / "meta.json").read_text())
         classes = tuple(meta["classes"])
         arrays = {f: torch.from_numpy(np.load(folder / f"{f}.npy", allow_pickle=False)) for f in meta["arrays"]}
         train = Images(arrays["train_x"], arrays["train_y"], classes)
         test = Images(arrays["test_x"], arrays["test_y"], classes) if "test_x" in arrays else None
+        notes = [str(n) for n in meta["notes"]]  # a cache written before notes were kept is read again once
     except (OSError, ValueError, KeyError, TypeError):
         return None  # absent or damaged: decode again and overwrite
-    return train, test
+    return train, test, notes
 
 
-def _write_cache(folder: Path, key: dict, train: Images, test: Images | None) -> None:
+def _write_cache(folder: Path, key: dict, train: Images, test: Images | None, notes: list[str]) -> None:
     arrays = {"train_x": train.x, "train_y": train.y}
     if test is not None:
         arrays |= {"test_x": test.x, "test_y": test.y}
     for name, t in arrays.items():
         write_npy(folder / f"{name}.npy", t.numpy())
     about = {k: v for k, v in key.items() if k != "files"} | ({"n_files": len(key["files"])} if "files" in key else {})
-    meta = {"classes": list(train.classes), "arrays": list(arrays), "key": about}
+    meta = {"classes": list(train.classes), "arrays": list(arrays), "key": about, "notes": notes}
     write_text(folder / "meta.json", json.dumps(meta, indent=1))  # last: marks complete
 
 
@@ -340,24 +372,25 @@ def _torchvision_split(source: str, root: Path, download: bool, image_size: int,
 
 
 def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress: bool,
-                        some_classes: bool = False) -> Images:
+                        known: tuple[str, ...] | None = None) -> Images:
     """Images of an ImageFolder tree or tar archive at `path` (the recipe key `key_name`).
 
-    `some_classes` (a test set) accepts a single class and skips empty class folders.
+    With `known` (the training classes, for a test set) the images are labelled by those classes,
+    of which the tree may hold any.
     """
     root = _check_folder_path(path, key_name)
     base = {"source": "folder", "path": str(root), "image_size": cfg.image_size}
-    if some_classes:
-        base["some_classes"] = True  # its class list differs from the same tree read as training data
+    if known is not None:
+        base["classes"] = list(known)  # the labels depend on them
     if root.is_dir():
         files, dirs, others = _walk_tree(root)
         stats = [(p, *_size_mtime(root.joinpath(*p))) for p in files]
-        key = {**base, "files": stats}
-        read = partial(_read_tree, root, files, dirs, others, cfg.image_size, progress, some_classes)
+        key = {**base, "files": stats, "folders": sorted(dirs), "others": others}  # all decide classes or notes
+        read = partial(_read_tree, root, files, dirs, others, cfg.image_size, progress, known)
     else:
         st = root.stat()
         key = {**base, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
-        read = partial(_read_archive, root, cfg.image_size, progress, some_classes)
+        read = partial(_read_archive, root, cfg.image_size, progress, known)
     return _cached(cache_dir, "folder", key, lambda: (read(), None))[0]
 
 
@@ -401,22 +434,29 @@ def _walk_tree(root: Path) -> tuple[list[tuple[str, ...]], set[tuple[str, ...]],
     return sorted(files), dirs, sorted(others)
 
 
-def _count(n: int, noun: str) -> str:
+def count_of(n: int, noun: str) -> str:
+    """'1 image', '2 images'."""
     return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def skipped_note(where: str, others: list[tuple[str, ...]]) -> str | None:
+    """The note on the files of `where` (relative path parts) that are not images; None without any."""
+    if not others:
+        return None
+    what = "is not an image" if len(others) == 1 else "are not images"
+    return (f"'{where}': skipped {count_of(len(others), 'file')} that {what} "
+            f"(e.g. '{'/'.join(others[0])}'); images end in {', '.join(IMAGE_EXTENSIONS)}")
 
 
 def _note_skipped(where: str, others: list[tuple[str, ...]]) -> None:
     if others:
-        warnings.warn(DataNote(
-            f"'{where}': skipped {_count(len(others), 'file')} that are not images (e.g. '{'/'.join(others[0])}'); "
-            f"images end in {', '.join(IMAGE_EXTENSIONS)}"
-        ), stacklevel=2)
+        warnings.warn(DataNote(skipped_note(where, others)), stacklevel=2)
 
 
 def _read_tree(root: Path, files, dirs, others, image_size: int, progress: bool,
-               some_classes: bool = False) -> Images:
-    classes, order, labels = _layout(files, dirs, str(root), some_classes)
-    _note_skipped(str(root), others)
+               known: tuple[str, ...] | None = None) -> Images:
+    _note_skipped(str(root), others)  # first: it explains a tree of .heic files that has "no images"
+    classes, order, labels = _layout(files, dirs, str(root), known)
     names = ["/".join(files[i]) for i in order]
     blobs = []
     for name in progress_bar(names, progress=progress, desc=f"reading {root.name}", unit="img"):
@@ -425,7 +465,7 @@ def _read_tree(root: Path, files, dirs, others, image_size: int, progress: bool,
     return Images(x, torch.from_numpy(labels), classes)
 
 
-def _read_archive(path: Path, image_size: int, progress: bool, some_classes: bool = False) -> Images:
+def _read_archive(path: Path, image_size: int, progress: bool, known: tuple[str, ...] | None = None) -> Images:
     """One sequential pass over the tar members; nothing is extracted to disk."""
     files, dirs, blobs, others = [], set(), [], []
     bar = progress_bar(progress=progress, total=path.stat().st_size, desc=f"reading {path.name}", unit="B",
@@ -449,48 +489,80 @@ def _read_archive(path: Path, image_size: int, progress: bool, some_classes: boo
         raise DataError(f"cannot read the archive '{path}' ({err}); it is damaged or not a tar: replace it") from err
     finally:
         bar.close()
-    classes, order, labels = _layout(files, dirs, str(path), some_classes)
     _note_skipped(str(path), others)
+    classes, order, labels = _layout(files, dirs, str(path), known)
     x = _decode_blobs([blobs[i] for i in order], [f"{path}:{'/'.join(files[i])}" for i in order], image_size, progress)
     return Images(x, torch.from_numpy(labels), classes)
 
 
-def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str, some_classes: bool = False):
+def class_folder_depth(files: list[tuple[str, ...]], known) -> int:
+    """How many top folders lie above the class folders of `files` (relative path parts) when the
+    classes are `known`: 0 (class folders at the root) or 1 (under one single top folder).
+
+    The reading in which every image lies in a folder of a known class wins; failing both, one top
+    folder holding deeper files is skipped, as training reads a tree. Shared by test sets and predict.
+    """
+    single_top = len({p[0] for p in files}) == 1
+    for skip in (0, 1) if single_top else (0,):
+        if all(len(p) >= skip + 2 and p[skip] in known for p in files):
+            return skip
+    return 1 if single_top and any(len(p) >= 3 for p in files) else 0
+
+
+def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str, known=None):
     """Classes (sorted), file order (sorted by path) and labels of an ImageFolder listing.
 
-    `files` and `dirs` are relative path parts; class folders sit at the root or under
-    one single top folder. Training data needs 2 classes or more and no empty class folder;
-    with `some_classes` (a test set) one class will do and empty folders are no class.
+    `files` and `dirs` are relative path parts; class folders sit at the root or under one single
+    top folder, and an image's class is its folder there, at any depth below. Training data
+    (`known` None) needs 2 classes or more and no empty class folder. A test set is labelled by
+    the `known` training classes: it may hold any of them, but no other.
     Returns (classes, order: list[int], labels: int64 (N,)).
     """
     if not files:
         raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{where}'; expected <class>/<image> files")
-    firsts = {p[0] for p in files} | {d[0] for d in dirs}
-    if len(firsts) == 1 and any(len(p) >= 3 for p in files):  # one top folder holding the class folders
-        top = next(iter(firsts))
+    if known is None:
+        firsts = {p[0] for p in files} | {d[0] for d in dirs}
+        skip = 1 if len(firsts) == 1 and any(len(p) >= 3 for p in files) else 0
+    else:
+        skip = class_folder_depth(files, known)
+    if skip:  # one top folder holding the class folders
+        where = f"{where}/{files[0][0]}"
         files = [p[1:] for p in files]
         dirs = {d[1:] for d in dirs if len(d) > 1}
-        where = f"{where}/{top}"
     loose = [p[0] for p in files if len(p) == 1]
     if loose:
         raise DataError(
-            f"{len(loose)} images lie outside class folders in '{where}' (e.g. {loose[0]!r}); "
+            f"{count_of(len(loose), 'image')} lie{'s' if len(loose) == 1 else ''} outside class folders in "
+            f"'{where}' (e.g. {loose[0]!r}); "
             "put every image in a folder named after its class"
         )
-    folders = set() if some_classes else {d[0] for d in dirs}  # an empty class folder is an error in training data
-    classes = tuple(sorted({p[0] for p in files} | folders))
+    if known is None:
+        classes = tuple(sorted({p[0] for p in files} | {d[0] for d in dirs}))
+        _check_training_classes(classes, files, where)
+    else:
+        extra = sorted({p[0] for p in files} - set(known))
+        if extra:
+            raise DataError(
+                f"'{where}' has class folders that the training data lacks: {extra[:5]}"
+                f"{' ...' if len(extra) > 5 else ''}; the models cannot predict them: remove them from the test "
+                "set or add them to the training data"
+            )
+        classes = tuple(known)
+    order = sorted(range(len(files)), key=lambda i: files[i])
+    index = {c: i for i, c in enumerate(classes)}
+    labels = np.array([index[files[i][0]] for i in order], dtype=np.int64)
+    return classes, order, labels
+
+
+def _check_training_classes(classes: tuple[str, ...], files: list[tuple[str, ...]], where: str) -> None:
     counts = {c: 0 for c in classes}
     for p in files:
         counts[p[0]] += 1
     empty = [c for c in classes if counts[c] == 0]
     if empty:
         raise DataError(f"class folder '{where}/{empty[0]}' has no images; add images or remove the folder")
-    if len(classes) < 2 and not some_classes:
+    if len(classes) < 2:
         raise DataError(f"found only one class folder ({classes[0]!r}) in '{where}'; classification needs at least 2")
-    order = sorted(range(len(files)), key=lambda i: files[i])
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[files[i][0]] for i in order], dtype=np.int64)
-    return classes, order, labels
 
 
 # --------------------------------------------------------------------------- decoding
@@ -510,9 +582,9 @@ def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progres
             bar.update(len(chunks[-1]))
     if transparent:
         warnings.warn(DataNote(
-            f"{_count(len(transparent), 'image')} with transparent pixels (e.g. '{transparent[0]}'): the alpha "
-            "channel is dropped, as torchvision's ImageFolder does, and the colours under it are trained on; flatten them "
-            "onto a background first if those colours are arbitrary (predict refuses such images)"
+            f"{count_of(len(transparent), 'image')} with transparent pixels (e.g. '{transparent[0]}'): the alpha "
+            "channel is dropped, as torchvision's ImageFolder does, so the models see the colours under it; flatten "
+            "them onto a background first if those colours are arbitrary (predict refuses such images)"
         ), stacklevel=2)
     channels = max(c.shape[1] for c in chunks)
     return torch.cat([c.expand(-1, channels, -1, -1) for c in chunks]).contiguous()

@@ -11,7 +11,6 @@ import os
 import shutil
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +74,7 @@ def make_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
     return folds
 
 
-def test_set_size(dataset) -> str:
+def describe_test_set(dataset) -> str:
     """'N test', naming how many classes the test set holds when it lacks some."""
     if dataset.test is None:
         return "0 test"
@@ -194,7 +193,7 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
 
 def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
-    from .data import DataError, DataNote, load_dataset
+    from .data import DataError, load_dataset, notes_printed
 
     recipe = recipe_mod.with_absolute_paths(recipe_mod.load(args.recipe, args.set))
     recipe_mod.check_names(recipe)
@@ -203,20 +202,14 @@ def run(args: argparse.Namespace) -> Path:
     previous = check_out(run_dir, recipe)
     t0 = time.perf_counter()
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", DataNote)
+        with notes_printed():
             dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
                                    progress=not args.quiet)
     except DataError as exc:
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
-    for w in caught:
-        if issubclass(w.category, DataNote):
-            print(f"note: {w.message}", file=sys.stderr)
-        else:
-            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
-    print(f"data: {len(dataset.train.y)} training images, {test_set_size(dataset)}, "
+    print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
           f"({time.perf_counter() - t0:.1f} s)")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)

@@ -39,9 +39,12 @@ from .data import (
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
     DataError,
+    class_folder_depth,
+    count_of,
     decode_images,
     has_transparent_pixels,
     pil_reason,
+    skipped_note,
 )
 from .evaluate import SCALARS, split_metrics
 from .progress import bar as progress_bar
@@ -507,33 +510,33 @@ def _list_archive(arg: str, path: Path, classes) -> tuple[list[_Entry], list, li
 def _folder_labels(files: list[tuple[str, ...]], classes, where: str) -> tuple[list[int], list[str]]:
     """Class index of each file when ``files`` form a class-folder tree of the run's classes, else -1.
 
-    As in training, an image's class is the folder it lies in at the root, or under one single
-    top folder, at any depth below that folder.
+    Read as a test set is in training (:func:`ensemble.data.class_folder_depth`): an image's class
+    is the folder it lies in at the root, or under one single top folder, at any depth below.
     """
     index = {c: i for i, c in enumerate(classes)}
     unlabelled = [-1] * len(files)
-    single_top = len({p[0] for p in files}) == 1
-    for skip in (0, 1) if single_top else (0,):
-        if all(len(p) >= skip + 2 and p[skip] in index for p in files):
-            return [index[p[skip]] for p in files], []
-    skip = 1 if single_top and any(len(p) >= 3 for p in files) else 0  # as training reads a tree
+    if not files:
+        return unlabelled, []
+    skip = class_folder_depth(files, index)
     in_folders = [p for p in files if len(p) >= skip + 2]
+    strange = sorted({p[skip] for p in in_folders} - index.keys())
+    if len(in_folders) == len(files) and not strange:
+        return [index[p[skip]] for p in files], []
     if not in_folders:
         return unlabelled, []  # plain images: nothing to label
-    strange = sorted({p[skip] for p in in_folders} - index.keys())
     if strange:
         why = (f"folders {strange[:3]} are not classes of the run ({', '.join(classes[:10])}"
                f"{' ...' if len(classes) > 10 else ''})")
     else:
         loose = next(p for p in files if len(p) < skip + 2)
-        why = f"{len(files) - len(in_folders)} images lie outside the class folders (e.g. {'/'.join(loose)!r})"
+        n = len(files) - len(in_folders)
+        why = f"{count_of(n, 'image')} lie{'s' if n == 1 else ''} outside the class folders (e.g. {'/'.join(loose)!r})"
     return unlabelled, [f"{where}: {why}; its images are predicted without labels"]
 
 
 def _skipped_note(where: str, others: list[tuple[str, ...]]) -> list[str]:
-    if not others:
-        return []
-    return [f"{where}: skipped {len(others)} non-image files (e.g. {'/'.join(others[0])!r})"]
+    note = skipped_note(where, others)
+    return [note] if note else []
 
 
 # --------------------------------------------------------------------------- outputs

@@ -1,6 +1,6 @@
-"""Progress bars: live on a terminal; into a log file, a line every 30 s that stays.
+"""Progress bars: live on a terminal or in a notebook; into a log file, a line every 30 s that stays.
 
-On a terminal a bar redraws ten times a second and is cleared when done. Written into
+On a terminal (or as a notebook widget) a bar redraws ten times a second and is cleared when done. Written into
 a log file (``fit ... > log 2>&1``) each redraw is another line, so a bar redraws every
 30 s and its last state stays, ending its line: a message that follows starts a line
 of its own instead of landing on the bar's.
@@ -10,10 +10,14 @@ from __future__ import annotations
 
 import sys
 
+from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
 
 def is_terminal(stream=None) -> bool:
+    """Whether bars are seen live: a terminal, or a notebook (whose widget bars are not lines)."""
+    if stream is None and autonotebook.tqdm is not std.tqdm:
+        return True
     stream = sys.stderr if stream is None else stream
     return bool(getattr(stream, "isatty", lambda: False)())
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ensemble import data, fit
+from ensemble import data, fit, predict
 from ensemble.data import DataError, Dataset, Images, decode_images, load_dataset, resize
 
 CLASSES = ("cat", "dog", "emu")
@@ -224,9 +224,41 @@ def test_a_test_set_may_hold_some_of_the_classes(tmp_path):
     (test / "cat").mkdir()  # empty: no class of the test set
     ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
     assert ds.test.classes == CLASSES and ds.test.y.tolist() == [2, 2] and len(ds.test.x) == 2
-    assert fit.test_set_size(ds) == "2 test (1 of 3 classes)"  # fit's data line says so
+    assert fit.describe_test_set(ds) == "2 test (1 of 3 classes)"  # fit's data line says so
     with pytest.raises(DataError, match="cat' has no images"):  # the same tree as training data is refused
         load(tmp_path / "cache", source="folder", path=str(test), image_size=12)
+
+
+@pytest.mark.parametrize("layout, classes", [
+    ("emu/2020/a.png emu/2021/b.png", ["emu", "emu"]),  # one class, with subfolders
+    ("top/emu/a.png top/cat/sub/b.png empty/", ["cat", "emu"]),  # one top folder beside an empty one
+])
+def test_a_test_set_is_read_by_the_training_classes(tmp_path, layout, classes):
+    """The class folders of a test set are the ones named like training classes, and predict
+    reads such a tree the same way."""
+    train = make_tree(tmp_path / "train", per_class=4)
+    test = tmp_path / "test"
+    for rel in layout.split():
+        (test / rel).parent.mkdir(parents=True, exist_ok=True)
+        if rel.endswith("/"):
+            (test / rel).mkdir(exist_ok=True)
+        else:
+            rng_image(np.random.default_rng(0), (12, 12), "RGB").save(test / rel)
+    ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
+    assert [CLASSES[i] for i in ds.test.y] == classes  # in path order
+    files = [tuple(p.relative_to(test).parts) for p in sorted(test.rglob("*.png"))]
+    assert predict._folder_labels(files, CLASSES, "test") == (ds.test.y.tolist(), [])
+
+
+def test_notes_come_again_from_the_cache_and_before_a_data_error(tmp_path):
+    tree = make_tree(tmp_path / "tree")
+    (tree / "cat" / "notes.txt").write_text("not an image")
+    for _ in range(2):  # decoded, then read from the cache
+        with pytest.warns(data.DataNote, match="skipped 1 file that is not an image"):
+            load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    (tree / "yak").mkdir()  # an empty class folder: the load fails, the note still comes
+    with pytest.warns(data.DataNote, match="skipped 1 file"), pytest.raises(DataError, match="yak' has no images"):
+        load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
 
 
 def test_second_load_uses_the_cache_and_a_changed_file_does_not(tmp_path, monkeypatch):
@@ -321,12 +353,13 @@ ERRORS = [
     ("test_path and test_fraction", lambda tmp: cfg(test_path="x", test_fraction=0.2), "only one"),
     ("test classes differ", lambda tmp: cfg(source="folder", image_size=12, path=str(make_tree(tmp / "a")),
                                             test_path=str(make_tree(tmp / "b", classes=("cat", "dog", "gnu")))),
-     "test_path has class folders that the training data lacks: ['gnu']"),
+     "b' has class folders that the training data lacks: ['gnu']"),
     ("cifar10 not downloaded", lambda tmp: cfg(source="cifar10", root=str(tmp / "vision")), "data.download = true"),
     ("mnist not downloaded", lambda tmp: cfg(source="mnist", root=str(tmp / "vision")), "vision'"),
 ]
 
 
+@pytest.mark.filterwarnings("ignore::ensemble.data.DataNote")  # e.g. the note on a tree of text files
 @pytest.mark.parametrize("setup, fragment", [e[1:] for e in ERRORS], ids=[e[0] for e in ERRORS])
 def test_bad_inputs_raise_data_error(tmp_path, setup, fragment):
     with pytest.raises(DataError) as info:

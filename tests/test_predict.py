@@ -172,7 +172,7 @@ def test_folders_that_are_not_classes_give_no_labels(base, tmp_path, capsys, goo
     (tmp_path / "imgs" / "cats" / "README.txt").write_text("not an image")
     rc, _, err = call([base["run"], tmp_path / "imgs", "--out", tmp_path / "p.csv", "--quiet"], capsys)
     assert rc == 0, err
-    assert "not classes of the run" in err and "skipped 1 non-image" in err
+    assert "not classes of the run" in err and "skipped 1 file that is not an image" in err
     assert "label" not in read_csv(tmp_path / "p.csv")[0]
     assert not predict.metrics_path(tmp_path / "p.csv").exists()
 
@@ -194,7 +194,7 @@ def test_images_in_subfolders_of_a_class_folder_get_its_label(base, tmp_path, ca
 
     shutil.copy(first, tree / "loose.png")  # an image beside the class folders: no labels, and a note why
     rc, _, err = call([base["run"], tmp_path / "wrap", "--out", tmp_path / "q.csv", "--quiet"], capsys)
-    assert rc == 0 and "1 images lie outside the class folders (e.g. 'imgs/loose.png')" in err
+    assert rc == 0 and "1 image lies outside the class folders (e.g. 'imgs/loose.png')" in err
     assert "label" not in read_csv(tmp_path / "q.csv")[0]
 
 

@@ -154,8 +154,11 @@ def test_pretrained_weights_load_but_the_head_and_another_architectures_are_refu
     same = [k for k, v in state.items() if got[k].shape == v.shape]
     assert len(same) == len(state) - 2 and all(torch.equal(got[k], state[k]) for k in same)  # all but the head
     _, other = saved("timm:test_efficientnet")
-    with pytest.raises(backbones.BackboneError, match=r"fit only \d+ of the \d+ parameter tensors of ResNet"):
+    with pytest.raises(backbones.BackboneError, match=r"are not ResNet's: \d+ tensors missing \(e\.g\. 'conv1"):
         backbones.create("timm:test_resnet", num_classes=10, pretrained=other)
+    _, resnet18 = saved("timm:resnet18")  # the same family at another depth: 60 of resnet34's 110 tensors
+    with pytest.raises(backbones.BackboneError, match=r"are not ResNet's: \d+ tensors missing \(e\.g\. 'layer1\.2"):
+        backbones.create("timm:resnet34", num_classes=10, pretrained=resnet18)
 
 
 def test_a_pretrained_file_counts_in_the_job_key_by_its_content(tmp_path):

@@ -72,7 +72,8 @@ def data_config(run: predict.Run, path: str | None):
 def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int) -> data.Images:
     """Rebuild the run's subset from the source (fingerprint checked), then take the images after it."""
     try:
-        source, source_test = data.read_source(cfg, cache)
+        with data.notes_printed():
+            source, source_test = data.read_source(cfg, cache)
         used = data.select(source, source_test, cfg, seed)
     except data.DataError as exc:
         raise RunError(str(exc)) from None
