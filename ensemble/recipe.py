@@ -297,8 +297,14 @@ def apply_override(table: dict, path: list[str], value: Any) -> None:
                               f"--set {where}=...")
         if last:
             node[part] = value
+        elif isinstance(node, list):
+            node = node[part]
+        elif part not in node and path[i + 1].isdigit():
+            where = ".".join(path[: i + 1])
+            raise RecipeError(f"--set {key}: {where} is not written in the recipe (it inherits or defaults), so "
+                              f"it has no item to address; set the whole list: --set {where}=[...]")
         else:
-            node = node[part] if isinstance(node, list) else node.setdefault(part, {})
+            node = node.setdefault(part, {})
 
 
 def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:

@@ -44,6 +44,7 @@ BAD_OVERRIDES = [
     (["train.lr=inf"], "digits_5fold.toml: train.lr must be a finite number, got inf"),
     (["seed.x=1"], "--set seed.x: seed is a value (0), not a table; set it with --set seed=..."),
     (["backbones.3.lr=0.1"], "--set backbones.3.lr: no list item '3' (there are 3)"),
+    (["backbones.0.augment.0='flip'"], "--set backbones.0.augment.0: backbones.0.augment is not written in the recipe"),
     (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
     (["backbones=[]"], "backbones must be a non-empty list"),
     (["train.epochs"], "--set expects key=value, got 'train.epochs'"),
