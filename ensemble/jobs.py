@@ -14,6 +14,7 @@ import hashlib
 import os
 import platform
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -272,8 +273,36 @@ def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, pr
     n_gpus = torch.cuda.device_count()
     slots = max(n_jobs, n_gpus) if n_gpus > 1 else 0
     # n_jobs = 1: joblib runs the calls one by one in this process
-    calls = (delayed(run_job)(job, data, run_dir, threads, progress, gpu_slots=slots) for job in jobs)
+    calls = (delayed(_run_local_job)(os.getpid(), job, data, run_dir, threads, progress, slots) for job in jobs)
     yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(calls)
+
+
+def _run_local_job(fit_pid: int, job: Job, data: SharedData, run_dir: Path, threads: int, progress: bool,
+                   gpu_slots: int) -> dict:
+    """:func:`run_job` in a local worker process that exits as soon as the fit process is gone."""
+    _exit_with(fit_pid)
+    return run_job(job, data, run_dir, threads, progress, gpu_slots=gpu_slots)
+
+
+_WATCHED: set[int] = set()
+
+
+def _exit_with(fit_pid: int, poll_s: float = 0.5) -> None:
+    """In a worker process (not in fit's own): exit when fit is gone, e.g. killed with SIGKILL.
+
+    Loky's idle workers would otherwise live on for minutes, one still training its job while a
+    restarted fit trains the same job again, and all holding fit's stdout (`fit | tee log` hangs).
+    """
+    if fit_pid == os.getpid() or fit_pid in _WATCHED:
+        return
+    _WATCHED.add(fit_pid)
+
+    def watch() -> None:
+        while os.getppid() == fit_pid:  # a dead parent's children are handed to another process
+            time.sleep(poll_s)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-fit", daemon=True).start()
 
 
 def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: float) -> Iterator[dict]:

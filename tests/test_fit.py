@@ -171,6 +171,45 @@ def test_sigkill_twice_then_resume_equals_uninterrupted_run(tiny_recipe, tmp_pat
     assert json.loads((killed / "metrics.json").read_text()) == json.loads((straight / "metrics.json").read_text())
 
 
+def _loky_workers_of(pid: int) -> list[int]:
+    """The live loky worker processes whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for d in Path("/proc").iterdir():
+        try:
+            stat, cmd = (d / "stat").read_text(), (d / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if int(ppid) == pid and state != "Z" and b"popen_loky" in cmd:
+            found.append(int(d.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+def test_a_killed_fit_leaves_no_worker_training_on(tiny_recipe, tmp_path, session_cache):
+    """SIGKILL of `fit --jobs 2` mid-job: its workers exit too, rather than train on for minutes (racing
+    a restarted fit for the same job) and hold fit's stdout open (`fit | tee log` would hang)."""
+    proc = _fit_process(tiny_recipe, tmp_path / "run", session_cache, "--jobs", "2", "--set", "train.epochs=200")
+    deadline = time.monotonic() + 120
+    while len(workers := _loky_workers_of(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert len(workers) == 2, proc.communicate()[0]
+    time.sleep(1.0)  # both are training a job now
+    proc.kill()
+    proc.communicate(timeout=30)
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived the killed fit"
+
+
 def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, session_cache):
     run = tmp_path / "cifar"
     args = [
