@@ -1,9 +1,9 @@
 """Progress bars: live on a terminal or in a notebook; into a log file, a line every 30 s that stays.
 
-On a terminal (or as a notebook widget) a bar redraws ten times a second and is cleared when done. Written into
-a log file (``fit ... > log 2>&1``) each redraw is another line, so a bar redraws every
-30 s and its last state stays, ending its line: a message that follows starts a line
-of its own instead of landing on the bar's.
+On a terminal (or as a notebook widget) a bar redraws ten times a second and is cleared
+when done. Written into a log file (``fit ... > log 2>&1``) each redraw is another line,
+so a bar redraws every 30 s and its last state stays, ending its line: a message that
+follows starts a line of its own instead of landing on the bar's.
 """
 
 from __future__ import annotations

@@ -288,8 +288,8 @@ def apply_override(table: dict, path: list[str], value: Any) -> None:
         last = i == len(path) - 1
         if isinstance(node, list):
             if not part.isdigit() or int(part) >= len(node):
-                raise RecipeError(f"--set {key}: no list item {part!r} (there are {len(node)}); "
-                                  "address a list item by index, e.g. backbones.0.epochs")
+                how = "" if part.isdigit() else "; address a list item by index, e.g. backbones.0.epochs"
+                raise RecipeError(f"--set {key}: no list item {part!r} (there are {len(node)}){how}")
             part = int(part)
         elif not isinstance(node, dict):
             where = ".".join(path[:i])
