@@ -7,6 +7,7 @@ kill or a changed ``[ensemble]`` section) trains only what is missing.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import shutil
 import sys
@@ -181,14 +182,14 @@ def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: lis
 
 def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pending: list,
                   args: argparse.Namespace) -> None:
+    """Train the pending jobs (on the cluster of ``args``, connected by the caller)."""
     data = jobs_mod.SharedData.from_dataset(dataset, folds)
-    with jobs_mod.cluster(args.backend, args.scheduler, args.address):
-        results = jobs_mod.run_all(
-            pending, data, run_dir, args.jobs, args.backend, not args.quiet, gpus_per_job=args.gpus_per_job
-        )
-        for i, s in enumerate(results, 1):
-            print(f"[{i}/{len(pending)}] {s['alias']} fold{s['fold']}: held-out acc {s['val_acc']:.4f}, "
-                  f"{s['seconds']:.1f} s on {s['device']}", flush=True)
+    results = jobs_mod.run_all(
+        pending, data, run_dir, args.jobs, args.backend, not args.quiet, gpus_per_job=args.gpus_per_job
+    )
+    for i, s in enumerate(results, 1):
+        print(f"[{i}/{len(pending)}] {s['alias']} fold{s['fold']}: held-out acc {s['val_acc']:.4f}, "
+              f"{s['seconds']:.1f} s on {s['device']}", flush=True)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -218,10 +219,12 @@ def run(args: argparse.Namespace) -> Path:
     check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
         check_devices(recipe, to_train)
-    invalidate(run_dir, recipe, previous, pending)  # every check passed: from here on the run folder changes
-    write_run_files(run_dir, recipe, dataset, folds)
-    print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
-    train_members(recipe, dataset, folds, run_dir, pending, args)
+    # connected before the run folder changes: an unreachable cluster is an error that writes nothing
+    with jobs_mod.cluster(args.backend, args.scheduler, args.address) if pending else contextlib.nullcontext():
+        invalidate(run_dir, recipe, previous, pending)  # every check passed: from here on the run folder changes
+        write_run_files(run_dir, recipe, dataset, folds)
+        print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
+        train_members(recipe, dataset, folds, run_dir, pending, args)
     combine_and_report(recipe, run_dir, args)
     print(f"done in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir

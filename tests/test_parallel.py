@@ -173,6 +173,7 @@ def test_unreachable_dask_scheduler_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: cannot connect to the Dask scheduler tcp://127.0.0.1:1: ")
     assert err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()  # connected before the run folder is written
 
 
 def test_ray_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
