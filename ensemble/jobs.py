@@ -293,8 +293,8 @@ def _exit_with(fit_pid: int, poll_s: float = 0.5) -> None:
     Loky's idle workers would otherwise live on for minutes, one still training its job while a
     restarted fit trains the same job again, and all holding fit's stdout (`fit | tee log` hangs).
     """
-    if fit_pid == os.getpid() or fit_pid in _WATCHED:
-        return
+    if fit_pid == os.getpid() or fit_pid in _WATCHED or os.getppid() != fit_pid:
+        return  # fit's own process, watched already, or not fit's child (nothing to tell by)
     _WATCHED.add(fit_pid)
 
     def watch() -> None:
