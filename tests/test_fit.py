@@ -8,6 +8,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -194,16 +195,22 @@ def _alive(pid: int) -> bool:
 
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
 def test_a_killed_fit_leaves_no_worker_training_on(tiny_recipe, tmp_path, session_cache):
-    """SIGKILL of `fit --jobs 2` mid-job: its workers exit too, rather than train on for minutes (racing
-    a restarted fit for the same job) and hold fit's stdout open (`fit | tee log` would hang)."""
-    proc = _fit_process(tiny_recipe, tmp_path / "run", session_cache, "--jobs", "2", "--set", "train.epochs=200")
+    """SIGKILL of `fit --jobs 2` while both workers train: they exit too, rather than train on for
+    minutes (racing a restarted fit for the same job) and hold fit's stderr open (`fit | tee log` hangs)."""
+    args = [a for a in fit_args(tiny_recipe, tmp_path / "run", session_cache) if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "ensemble.fit", *args, "--jobs", "2", "--set", "train.epochs=400"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    log = bytearray()
+    reader = threading.Thread(target=lambda: [log.extend(b) for b in iter(lambda: proc.stderr.read1(4096), b"")])
+    reader.start()
     deadline = time.monotonic() + 120
-    while len(workers := _loky_workers_of(proc.pid)) < 2 and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.1)
-    assert len(workers) == 2, proc.communicate()[0]
-    time.sleep(1.0)  # both are training a job now
+    while len(set(re.findall(rb"(\w+ fold\d):", bytes(log)))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # a job's progress bar appears when it starts training
+    workers = _loky_workers_of(proc.pid)
+    assert len(workers) == 2, bytes(log).decode(errors="replace")
     proc.kill()
-    proc.communicate(timeout=30)
+    reader.join(timeout=30)
+    assert not reader.is_alive(), "fit's stderr is still held open by its workers"
     deadline = time.monotonic() + 10
     while (alive := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
