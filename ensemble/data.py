@@ -439,6 +439,11 @@ def count_of(n: int, noun: str) -> str:
     return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
+def images_lie(n: int) -> str:
+    """'1 image lies', '2 images lie'."""
+    return f"{count_of(n, 'image')} {'lies' if n == 1 else 'lie'}"
+
+
 def skipped_note(where: str, others: list[tuple[str, ...]]) -> str | None:
     """The note on the files of `where` (relative path parts) that are not images; None without any."""
     if not others:
@@ -532,8 +537,7 @@ def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str
     loose = [p[0] for p in files if len(p) == 1]
     if loose:
         raise DataError(
-            f"{count_of(len(loose), 'image')} lie{'s' if len(loose) == 1 else ''} outside class folders in "
-            f"'{where}' (e.g. {loose[0]!r}); "
+            f"{images_lie(len(loose))} outside class folders in '{where}' (e.g. {loose[0]!r}); "
             "put every image in a folder named after its class"
         )
     if known is None:

@@ -32,7 +32,7 @@ def default_cache_dir() -> Path:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.fit", description=__doc__.splitlines()[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog="python -m ensemble.fit", description=store.summary(__doc__))
     p.add_argument("recipe", help="a TOML recipe, e.g. recipes/digits_5fold.toml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a recipe key, e.g. --set train.epochs=2 (repeatable)")

@@ -40,9 +40,9 @@ from .data import (
     IMAGE_EXTENSIONS,
     DataError,
     class_folder_depth,
-    count_of,
     decode_images,
     has_transparent_pixels,
+    images_lie,
     pil_reason,
     skipped_note,
 )
@@ -529,8 +529,7 @@ def _folder_labels(files: list[tuple[str, ...]], classes, where: str) -> tuple[l
                f"{' ...' if len(classes) > 10 else ''})")
     else:
         loose = next(p for p in files if len(p) < skip + 2)
-        n = len(files) - len(in_folders)
-        why = f"{count_of(n, 'image')} lie{'s' if n == 1 else ''} outside the class folders (e.g. {'/'.join(loose)!r})"
+        why = f"{images_lie(len(files) - len(in_folders))} outside the class folders (e.g. {'/'.join(loose)!r})"
     return unlabelled, [f"{where}: {why}; its images are predicted without labels"]
 
 
@@ -601,7 +600,7 @@ def _recorded_scores(run_dir: Path) -> dict:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.predict", description=__doc__.splitlines()[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog="python -m ensemble.predict", description=store.summary(__doc__))
     p.add_argument("run", type=Path, help="a run folder written by `python -m ensemble.fit`")
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="image files, folders, ImageFolder trees (labelled) or .tar/.tar.gz of them")

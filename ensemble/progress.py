@@ -24,11 +24,16 @@ def is_terminal(stream=None) -> bool:
 
 def interval(stream=None) -> float:
     """Seconds between redraws: 0.1 on a terminal, 30 into a log file."""
-    return 0.1 if is_terminal(stream) else 30.0
+    return _interval(is_terminal(stream))
+
+
+def _interval(live: bool) -> float:
+    return 0.1 if live else 30.0
 
 
 def bar(iterable=None, *, progress: bool = True, **kwargs) -> tqdm:
     """A tqdm bar on stderr (hidden when ``progress`` is false) that behaves as the module says."""
-    seconds = interval()  # tqdm's monitor redraws after `maxinterval` (10 s) unless it is raised too
-    return tqdm(iterable, disable=not progress, leave=not is_terminal(), mininterval=seconds,
+    live = is_terminal()
+    seconds = _interval(live)  # tqdm's monitor redraws after `maxinterval` (10 s) unless it is raised too
+    return tqdm(iterable, disable=not progress, leave=not live, mininterval=seconds,
                 maxinterval=max(seconds, 10.0), **kwargs)

@@ -611,7 +611,7 @@ def write_report(run_dir, out_dir=None) -> Path:
 def main(argv=None) -> int:
     """`python -m ensemble.report RUN_DIR [--out DIR]`: write the report, print index.html's path."""
     parser = argparse.ArgumentParser(prog="python -m ensemble.report",
-                                     description=__doc__.splitlines()[0].replace("``", ""))
+                                     description=store.summary(__doc__))
     parser.add_argument("run_dir", type=Path, help="a fitted run folder, outputs/<run>")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
     args = parser.parse_args(argv)

@@ -82,6 +82,11 @@ def fit_command(run_dir: Path) -> str:
     return f"python -m ensemble.fit {Path(run_dir) / 'recipe.toml'} --out {run_dir}"
 
 
+def summary(doc: str) -> str:
+    """A module docstring's first line for ``--help``, without reST double backticks."""
+    return doc.splitlines()[0].replace("``", "")
+
+
 def class_list(classes, shown: int = 10) -> str:
     """The class names as fit and the report print them: the first ``shown`` of a long list."""
     more = len(classes) - shown

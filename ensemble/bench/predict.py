@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ensemble import backbones
+from ensemble import backbones, store
 from ensemble.bench._args import check_at_least, check_backbone, check_device
 from ensemble.predict import DataInfo, Member, MemberModels, member_logits, read_inputs
 from ensemble.recipe import BackboneConfig
@@ -30,7 +30,7 @@ from ensemble.train import infer
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.bench predict", description=__doc__.splitlines()[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog="python -m ensemble.bench predict", description=store.summary(__doc__))
     p.add_argument("--backbone", default="timm:resnet18", help="backbone name (default timm:resnet18)")
     p.add_argument("--stem", default="default", choices=("default", "cifar"), help="stem (default: default)")
     p.add_argument("--folds", type=int, default=5, help="fold models (default 5)")

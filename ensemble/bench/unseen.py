@@ -33,7 +33,7 @@ from ensemble.store import RunError
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m ensemble.bench unseen", description=__doc__.splitlines()[0].replace("``", ""))
+    p = argparse.ArgumentParser(prog="python -m ensemble.bench unseen", description=store.summary(__doc__))
     p.add_argument("run", type=Path, help="a finished run folder of a folder-source recipe with data.per_class > 0")
     p.add_argument("--images-per-class", type=int, default=500,
                    help="unseen images scored per class (default 500; fewer where a class has fewer left)")
