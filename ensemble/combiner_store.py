@@ -45,6 +45,14 @@ def save_combiner(
     """
     name = _check_name(combiner.name if name is None else name)
     directory = Path(directory)
+    text, arrays = saved_form(combiner)
+    atomic_write(directory / f"{name}.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
+    write_text(directory / f"{name}.json", text)
+    return directory / f"{name}.json"
+
+
+def saved_form(combiner: Combiner) -> tuple[str, dict[str, np.ndarray]]:
+    """The json text and arrays :func:`save_combiner` writes; ValueError if they cannot be saved."""
     state, arrays = combiner.get_state()
     arrays = {k: np.asarray(v) for k, v in arrays.items()}
     for key, arr in arrays.items():
@@ -53,10 +61,7 @@ def save_combiner(
                 f"{combiner.name}: array {key!r} has object dtype; it would need pickle"
             )
     doc = {"format": FORMAT, "class": combiner.name, **state}
-    text = json.dumps(doc, indent=1, allow_nan=False)  # fails early if not JSON-able
-    atomic_write(directory / f"{name}.npz", lambda f: np.savez(f, allow_pickle=False, **arrays))
-    write_text(directory / f"{name}.json", text)
-    return directory / f"{name}.json"
+    return json.dumps(doc, indent=1, allow_nan=False), arrays  # fails early if not JSON-able
 
 
 def _read_json(path: Path) -> dict:

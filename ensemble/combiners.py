@@ -17,6 +17,7 @@ from __future__ import annotations
 import copy
 import difflib
 import inspect
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -243,7 +244,11 @@ class Combiner:
         y = check_labels(y, logits.shape)
         self._validate_params()
         self.n_members_, _, self.n_classes_ = (int(s) for s in logits.shape)
-        self._fit(logits, y)
+        try:
+            self._fit(logits, y)
+        except BaseException:  # a failed fit leaves the combiner unfitted, not half-fitted
+            del self.n_members_, self.n_classes_
+            raise
         return self
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
@@ -557,7 +562,15 @@ class Stacking(Combiner):
         self.meta_params = meta_params
 
     def _validate_params(self) -> None:
-        make_meta_learner(self.meta_learner, self.meta_params or {})
+        meta = make_meta_learner(self.meta_learner, self.meta_params or {})
+        for key, value in (self.meta_params or {}).items():
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"stacking: meta_params {key} = {value} cannot be saved (a saved combiner "
+                                 f"holds finite numbers only); give a large finite value instead")
+        state = meta.get_params().get("random_state", 0)
+        if self.meta_learner != "logistic" and not isinstance(state, int):
+            raise ValueError(f"stacking: meta_params random_state must be an integer, got {state!r}: a saved "
+                             f"{self.meta_learner} is refitted when loaded and must give the same probabilities")
 
     def _fit(self, logits: np.ndarray, y: np.ndarray) -> None:
         self._fit_features(stacking_features(logits), y)

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import csv
 import io
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from . import combiners as comb
 from . import metrics, store
-from .combiner_store import save_combiner
+from .combiner_store import save_combiner, saved_form
 from .recipe import Recipe
 
 SCALARS = ("accuracy", "precision", "recall", "f1", "f1_weighted", "nll", "brier", "ece")
@@ -53,6 +54,44 @@ def build_combiners(recipe: Recipe) -> dict[str, comb.Combiner]:
         except (ValueError, TypeError) as exc:
             raise recipe.error("ensemble", f"cannot build combiner {name!r}: {exc}") from None
     return out
+
+
+def check_fits(recipe: Recipe, n_classes: int, fit_rows: int) -> None:
+    """Fit every learning combiner once on random logits, before any training.
+
+    scikit-learn refuses some meta_params only when fitting (a ``class_weight`` naming no
+    class) or predicting (k-NN's ``n_neighbors`` above the rows), and some values cannot be
+    saved (``C = inf``): all fail here, in a second, not after the training. ``fit_rows`` is
+    the fewest rows a nested fit sees; k-NN, whose fit only stores rows, is tried on that
+    many, the other meta-learners on at most 500.
+    """
+    n_members = sum(b.train.snapshots if recipe.ensemble.members == "snapshots" and b.train.snapshots else 1
+                    for b in recipe.backbones)
+    rows = fit_rows if recipe.ensemble.meta_learner == "knn" else min(fit_rows, 500)
+    y = np.arange(max(rows, 2 * n_classes)) % n_classes
+    logits = np.random.default_rng(0).normal(size=(n_members, len(y), n_classes))
+    for name, combiner in build_combiners(recipe).items():
+        if combiner.learns:
+            with warnings.catch_warnings():  # random logits: a convergence warning says nothing
+                warnings.simplefilter("ignore")
+                _fitted(recipe, name, "", _try, combiner.clone(), logits, y)
+
+
+def _try(combiner: comb.Combiner, logits: np.ndarray, y: np.ndarray) -> None:
+    combiner.fit(logits, y).predict_proba(logits[:, :2])  # k-NN checks n_neighbors when it predicts
+    saved_form(combiner)
+
+
+_KEPT = "; the trained members are kept: change [ensemble] and rerun, nothing retrains"
+
+
+def _fitted(recipe: Recipe, name: str, after: str, step, *args):
+    """``step(*args)``, with a combiner's refusal turned into a one-line recipe error (+ ``after``)."""
+    try:
+        return step(*args)
+    except (ValueError, TypeError) as exc:
+        why = " ".join(str(exc).split())
+        raise recipe.error("ensemble", f"combiner {name!r} cannot be fitted: {why}{after}") from None
 
 
 def member_sets(recipe: Recipe, run_dir: Path) -> tuple[store.Logits, dict[str, store.Logits]]:
@@ -92,8 +131,8 @@ def evaluate(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
     index = {}
     for base_name, combiner in build_combiners(recipe).items():
         for name, logits in _inputs_for(base_name, members, snaps).items():
-            oof = comb.cross_val_proba(combiner, logits.oof, logits.y, logits.folds)
-            fitted = combiner.clone().fit(logits.oof, logits.y)
+            oof = _fitted(recipe, name, _KEPT, comb.cross_val_proba, combiner, logits.oof, logits.y, logits.folds)
+            fitted = _fitted(recipe, name, _KEPT, combiner.clone().fit, logits.oof, logits.y)
             test = None if logits.test is None else fitted.predict_proba(logits.test)
             save_combiner(fitted, run_dir / "combiners", _file_name(name))
             index[name] = {"file": _file_name(name), "members": logits.names}

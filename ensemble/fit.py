@@ -19,7 +19,7 @@ import numpy as np
 from . import jobs as jobs_mod
 from . import recipe as recipe_mod
 from . import store
-from .evaluate import build_combiners, evaluate
+from .evaluate import build_combiners, check_fits, evaluate
 from .recipe import Recipe, RecipeError
 from .train import DivergedError, resolve_device
 
@@ -210,6 +210,7 @@ def run(args: argparse.Namespace) -> Path:
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
+    check_fits(recipe, len(dataset.train.classes), len(folds) - int(np.bincount(folds).max()))
     print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
           f"({time.perf_counter() - t0:.1f} s)")

@@ -233,6 +233,10 @@ def _not_fitted_message(run: Run, name: str) -> str:
         comb.combiner_class(name)
     except ValueError as exc:
         return f"--method {name!r}: {exc}. Fitted for this run: {fitted}"
+    per_backbone = [n for n in run.combiners if n.startswith(name + ":")]
+    if per_backbone:  # one snapshot combiner per snapshot backbone
+        return (f"combiner {name!r} was fitted once per snapshot backbone: give --method "
+                f"{' or '.join(per_backbone)}")
     wanted = list(dict.fromkeys([*run.recipe.ensemble.combiners, name.removesuffix(comb.TS_SUFFIX)]))
     listed = "[" + ",".join(f'"{n}"' for n in wanted) + "]"
     extra = " --set ensemble.calibrate=true" if name.endswith(comb.TS_SUFFIX) else ""

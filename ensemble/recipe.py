@@ -106,7 +106,8 @@ class WeightedConfig:
 
 @dataclass(frozen=True)
 class EnsembleConfig:
-    combiners: tuple[str, ...] = ("vote", "mean", "weighted", "stacking")
+    combiners: tuple[str, ...] = field(default=("vote", "mean", "weighted", "stacking"),
+                                       metadata=_check(lambda v: len(v) > 0, "a non-empty list"))
     members: str = field(default="final", metadata=_choice("final", "snapshots"))
     calibrate: bool = False
     weighted: WeightedConfig = WeightedConfig()

@@ -142,8 +142,11 @@ def load_run(run_dir) -> Run:
     metrics_path = run_dir / "metrics.json"
     metrics = _read_json(metrics_path, run_dir)
     _check_metrics(metrics_path, metrics)
-    y = np.load(_need(run_dir / "labels.npy", run_dir))
-    folds = np.load(_need(run_dir / "folds.npy", run_dir))
+    try:
+        y = store.read_npy(_need(run_dir / "labels.npy", run_dir))
+        folds = store.read_npy(_need(run_dir / "folds.npy", run_dir))
+    except store.RunError as exc:
+        raise ReportError(f"{exc}; rewrite it with `{store.fit_command(run_dir)}`") from None
     if y.shape != folds.shape or y.ndim != 1:
         raise ReportError(f"labels.npy {y.shape} and folds.npy {folds.shape} must be (N,) of equal "
                           f"length; rerun `{store.fit_command(run_dir)}`")
@@ -602,9 +605,9 @@ def write_report(run_dir, out_dir=None) -> Path:
     pngs = {}
     for name, fig in build_figures(run).items():
         pngs[name] = _png(fig)
-        (out / name).write_bytes(pngs[name])
+        store.atomic_write(out / name, lambda f, png=pngs[name]: f.write(png))
     index = out / "index.html"
-    index.write_text(render_html(run, pngs), encoding="utf-8")
+    store.write_text(index, render_html(run, pngs))
     return index
 
 

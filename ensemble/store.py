@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import tempfile
 from collections.abc import Callable
 from typing import BinaryIO
@@ -79,7 +80,7 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 def fit_command(run_dir: Path) -> str:
     """The command that completes (or rewrites) the run in ``run_dir``; cached jobs are reused."""
-    return f"python -m ensemble.fit {Path(run_dir) / 'recipe.toml'} --out {run_dir}"
+    return f"python -m ensemble.fit {shlex.quote(str(Path(run_dir) / 'recipe.toml'))} --out {shlex.quote(str(run_dir))}"
 
 
 def summary(doc: str) -> str:

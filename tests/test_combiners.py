@@ -300,6 +300,11 @@ def fitted_mean():
          "fitted on n_members=3, n_classes=4; got logits with n_members=2"),
         (lambda: fitted_mean().predict_proba(L[:, :, :3]), ValueError, "n_classes=3"),
         (lambda: comb.make_combiner("vote").predict(L), NotFittedError, "not fitted"),
+        (lambda: comb.make_combiner("stacking", meta_params={"C": float("inf")}).fit(L, Y), ValueError,
+         "meta_params C = inf cannot be saved"),
+        (lambda: comb.make_combiner("stacking", meta_learner="random_forest",
+                                    meta_params={"random_state": None}).fit(L, Y), ValueError,
+         "random_state must be an integer, got None: a saved random_forest is refitted"),
         (lambda: comb.cross_val_proba(comb.make_combiner("weighted"), L, Y, F[:-1]), ValueError,
          "one fold index per sample"),
         (lambda: comb.cross_val_proba(comb.make_combiner("weighted"), L, Y, F * 0), ValueError,
@@ -309,6 +314,14 @@ def fitted_mean():
 def test_errors(call, error, fragment):
     with pytest.raises(error, match=fragment):
         call()
+
+
+def test_a_failed_fit_leaves_the_combiner_unfitted():
+    stacking = comb.make_combiner("stacking", meta_params={"class_weight": {"cat": 2.0}})  # refused in fit
+    with pytest.raises(ValueError, match="not in class_weight"):
+        stacking.fit(L, Y)
+    with pytest.raises(NotFittedError):
+        stacking.predict_proba(L)
 
 
 # --------------------------------------------------------------------------- store errors

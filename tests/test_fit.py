@@ -346,3 +346,21 @@ def test_python_m_ensemble_names_the_commands():
     assert done.returncode == 2
     for command in ("ensemble.fit RECIPE", "ensemble.predict RUN", "ensemble.report RUN", "ensemble.bench"):
         assert f"python -m {command}" in done.stderr
+
+
+def test_a_combiner_refused_after_training_is_one_line_and_keeps_the_members(tmp_path):
+    """A meta_params value scikit-learn refuses only on the real rows fails in evaluate as a recipe error."""
+    from run_fixture import make_run
+
+    from ensemble import recipe
+    from ensemble.evaluate import evaluate
+
+    run = make_run(tmp_path)
+    (run / "recipe.toml").write_text((run / "recipe.toml").read_text().replace("'synthetic'", "'digits'")
+                                     .replace('"synthetic"', '"digits"'))  # a source recipe.load accepts
+    r = recipe.load(run / "recipe.toml", ["ensemble.combiners=['stacking']", "ensemble.meta_params={class_weight={cat=2.0}}"])
+    before = sorted(p for p in (run / "members").rglob("*") if p.is_file())
+    with pytest.raises(recipe.RecipeError, match=r"combiner 'stacking' cannot be fitted: The classes, .* are not in class_weight; "
+                                                 r"the trained members are kept"):
+        evaluate(r, run)
+    assert sorted(p for p in (run / "members").rglob("*") if p.is_file()) == before

@@ -454,6 +454,23 @@ def test_unfitted_method_message_gives_fit_command(base, capsys):
     assert "ensemble.calibrate=true" in err
 
 
+def test_snapshot_of_several_snapshot_backbones_names_each(run_copy, good_image, capsys):
+    """With two snapshot backbones fit names the snapshot combiners snapshot:<alias>."""
+    index = json.loads((run_copy / "combiners" / "index.json").read_text())
+    index["combiners"]["snapshot:snap_a"] = index["combiners"].pop("snapshot")
+    index["combiners"]["snapshot:snap_b"] = index["combiners"]["snapshot:snap_a"]
+    (run_copy / "combiners" / "index.json").write_text(json.dumps(index))
+    rc, _, err = call([run_copy, good_image, "--method", "snapshot"], capsys)
+    assert rc == 2 and "give --method snapshot:snap_a or snapshot:snap_b" in err
+    assert "ensemble.fit" not in err  # refitting would change nothing
+
+
+def test_fit_command_quotes_paths_with_spaces(tmp_path):
+    run = tmp_path / "my runs" / "digits"
+    command = predict.fit_command(run)
+    assert command == f"python -m ensemble.fit '{run / 'recipe.toml'}' --out '{run}'"
+
+
 # --------------------------------------------------------------------------- acceptance 3: no pickle in a run
 
 

@@ -41,6 +41,12 @@ BAD_OVERRIDES = [
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
     (["ensemble.meta_learner='svm'"], "cannot build combiner 'stacking'"),
     (["ensemble.meta_params={C=-1.0}"], "The 'C' parameter of LogisticRegression must be a float in the range"),
+    (["ensemble.meta_params={class_weight={cat=2.0}}"],  # refused by LogisticRegression.fit only
+     "ensemble combiner 'stacking' cannot be fitted: The classes, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], are not in class_weight"),
+    (["ensemble.meta_params={C=inf}"], "stacking: meta_params C = inf cannot be saved"),
+    (["ensemble.meta_learner='knn'", "ensemble.meta_params={n_neighbors=5000}"],
+     "combiner 'stacking' cannot be fitted: Expected n_neighbors <= n_samples_fit"),
+    (["ensemble.combiners=[]"], "ensemble.combiners must be a non-empty list"),
     (["train.lr=inf"], "digits_5fold.toml: train.lr must be a finite number, got inf"),
     (["seed.x=1"], "--set seed.x: seed is a value (0), not a table; set it with --set seed=..."),
     (["backbones.3.lr=0.1"], "--set backbones.3.lr: no list item '3' (there are 3)"),

@@ -292,6 +292,8 @@ def test_missing_file_is_named(tmp_path, missing):
     (lambda run: np.save(run / "folds.npy", np.zeros(3, dtype=np.int64)),
      r"must be \(N,\) of equal length"),
     (lambda run: shutil.rmtree(run), "does not exist"),
+    (lambda run: (run / "labels.npy").write_bytes((run / "labels.npy").read_bytes()[:100]),
+     r"labels.npy: not a readable numpy array .*; rewrite it with `python -m ensemble.fit"),
     (lambda run: (run / "recipe.toml").unlink(), "not a run folder"),
 ])
 def test_inconsistent_run_is_explained(tmp_path, damage, message):
