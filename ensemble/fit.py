@@ -128,9 +128,13 @@ def check_devices(recipe: Recipe, aliases: set[str]) -> None:
             raise recipe.error(key, f"cannot be used on this machine: {exc}") from None
 
 
-def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chans: int) -> None:
-    """Build every backbone about to train once, so that a bad name, ``model_args``, stem or
-    weights file fails now, naming its key, rather than as a traceback from inside a job."""
+def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chans: int, image_size: int) -> None:
+    """Build every backbone about to train once and take one training step's forward and
+    backward pass on a zero batch, so that a bad name, ``model_args``, stem, weights file,
+    image size the model cannot take (a ViT built for 224) or a batch size of 1 under
+    batch norm fails now, naming its key, rather than as a traceback from inside a job."""
+    import torch
+
     from . import backbones
 
     recipe_mod.check_backbone_names(recipe, aliases)
@@ -138,13 +142,27 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
         if b.alias not in aliases:
             continue
         try:
-            backbones.create(b.name, num_classes=num_classes, in_chans=in_chans, stem=b.stem,
-                             pretrained=b.pretrained, model_args=b.model_args)
+            net = backbones.create(b.name, num_classes=num_classes, in_chans=in_chans, stem=b.stem,
+                                   pretrained=b.pretrained, model_args=b.model_args)
         except Exception as exc:  # noqa: BLE001 - whatever the library raises, the recipe's settings caused it
-            reason = " ".join(str(exc).split())
-            if not isinstance(exc, backbones.BackboneError):
-                reason = f"{type(exc).__name__}: {reason}"
-            raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {reason}") from None
+            raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {_reason(exc)}") from None
+        n = min(2, b.train.batch_size)
+        try:
+            out = net.train()(torch.zeros(n, in_chans, image_size, image_size))
+            if not isinstance(out, torch.Tensor) or out.shape != (n, num_classes):
+                raise TypeError(f"it returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
+                                f"not logits of shape {(n, num_classes)}")
+            out.sum().backward()
+        except Exception as exc:  # noqa: BLE001
+            raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot train on {image_size}x{image_size} images "
+                                                  f"in batches of {b.train.batch_size}: {_reason(exc)}") from None
+
+
+def _reason(exc: Exception) -> str:
+    from .backbones import BackboneError
+
+    reason = " ".join(str(exc).split())
+    return reason if isinstance(exc, BackboneError) else f"{type(exc).__name__}: {reason}"
 
 
 def check_out(run_dir: Path, recipe: Recipe) -> str | None:
@@ -217,7 +235,8 @@ def run(args: argparse.Namespace) -> Path:
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     to_train = {j.alias for j in pending}
-    check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]))
+    check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]),
+                    int(dataset.train.x.shape[-1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
         check_devices(recipe, to_train)
     # connected before the run folder changes: an unreachable cluster is an error that writes nothing
@@ -244,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except RecipeError as exc:
+    except (RecipeError, store.RunError) as exc:  # a bad recipe, a damaged run folder
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except jobs_mod.ClusterError as exc:

@@ -40,6 +40,7 @@ from .data import (
     IMAGE_EXTENSIONS,
     DataError,
     class_folder_depth,
+    count_of,
     decode_images,
     has_transparent_pixels,
     images_lie,
@@ -573,7 +574,7 @@ def describe(run: Run) -> str:
     """What ``--members`` prints: the members, their finished folds, the fitted combiners."""
     k = run.recipe.cv.folds
     d = run.data
-    lines = [f"run {run.dir}: {len(run.recipe.backbones)} backbones x {k} folds, {len(d.classes)} classes, "
+    lines = [f"run {run.dir}: {count_of(len(run.recipe.backbones), 'backbone')} x {k} folds, {len(d.classes)} classes, "
              f"{d.channels}-channel {d.image_size}x{d.image_size} images", "members:"]
     for b in run.recipe.backbones:
         done = sum((store.job_dir(run.dir, b.alias, f) / "done.json").is_file() for f in range(k))
@@ -655,15 +656,16 @@ def predict(run: Run, args: argparse.Namespace) -> int:
     proba = combiner.predict_proba(logits)
     seconds = time.perf_counter() - start
     write_csv(args.out, inputs.paths, proba, run.data.classes, inputs.labels)
-    print(f"method {name}{' (best)' if name == run.best else ''}: {len(members)} members x "
+    print(f"method {name}{' (best)' if name == run.best else ''}: {count_of(len(members), 'member')} x "
           f"{run.recipe.cv.folds} folds on {device}; wrote {args.out}")
     if inputs.labels is not None:
         report_metrics(proba, inputs.labels, run, name, args)
     else:
         metrics_path(args.out).unlink(missing_ok=True)  # never leave metrics of an earlier CSV beside this one
     n = len(inputs.paths)
-    print(f"{n} images predicted in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} images/s "
-          f"(reading and decoding: {reading:.2f} s){f'; {len(inputs.failures)} inputs failed' if inputs.failures else ''}")
+    failed = f"; {count_of(len(inputs.failures), 'input')} failed" if inputs.failures else ""
+    print(f"{count_of(n, 'image')} predicted in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} images/s "
+          f"(reading and decoding: {reading:.2f} s){failed}")
     return 1 if inputs.failures else 0
 
 

@@ -118,7 +118,7 @@ class EnsembleConfig:
 @dataclass(frozen=True)
 class Recipe:
     name: str
-    seed: int = 0
+    seed: int = field(default=0, metadata=_check(lambda v: 0 <= v < 2**32, "in [0, 2**32 - 1]"))
     data: DataConfig = DataConfig()
     cv: CVConfig = CVConfig()
     train: TrainConfig = TrainConfig()
@@ -154,7 +154,11 @@ def _convert(value: Any, tp, key: str, fail) -> Any:
             raise fail(f"must be a table, got {value!r}")
         return dict(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        raise fail(f"must be {_type_name(tp)}, got {value!r}")
+        hint = ""
+        if tp is str and isinstance(value, int | float):  # --set data.path=2024 reads a number
+            dotted = re.sub(r"\[(\d+)\]", r".\1", key)
+            hint = f"""; with --set, quote it: --set '{dotted}="{value}"'"""
+        raise fail(f"must be {_type_name(tp)}, got {value!r}{hint}")
     if tp is float and not math.isfinite(value):
         raise fail(f"must be a finite number, got {value!r}")
     return value
@@ -246,6 +250,9 @@ def _check_cross_fields(r: Recipe, where: str) -> None:
             )
     if r.data.source == "folder" and not r.data.path:
         raise RecipeError(f"{where}: data.path is required when data.source = 'folder'")
+    if r.data.source != "folder" and r.data.path:
+        raise RecipeError(f"{where}: data.path is read only when data.source = 'folder' (source is "
+                          f"{r.data.source!r}); add data.source = 'folder' to train on {r.data.path!r}")
     for key in ("path", "test_path"):
         value = getattr(r.data, key)
         if value and not Path(value).exists():

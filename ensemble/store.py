@@ -202,9 +202,12 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             d = job_dir(run_dir, alias, fold)
             if not (d / "done.json").exists():
                 raise RunError(f"{d}: job not finished; complete the run with `{fit_command(run_dir)}`")
-            fold_oof.append(read_npy(d / "oof_logits.npy"))
-            if y_test is not None:
-                fold_test.append(read_npy(d / "test_logits.npy"))
+            try:
+                fold_oof.append(read_npy(d / "oof_logits.npy"))
+                if y_test is not None:
+                    fold_test.append(read_npy(d / "test_logits.npy"))
+            except RunError as exc:  # damaged after the job finished (writes are atomic)
+                raise RunError(f"{exc}; delete {d} and run `{fit_command(run_dir)}` to retrain that job") from None
         s, c = fold_oof[0].shape[0], fold_oof[0].shape[-1]
         full = np.empty((s, len(y), c), dtype=np.float32)
         for fold, part in enumerate(fold_oof):

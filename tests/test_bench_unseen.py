@@ -121,3 +121,17 @@ def test_moved_images_are_found_with_path(finished, tmp_path, capsys):
     moved = shutil.copytree(finished["tree"], tmp_path / "moved")
     rc = unseen.main([str(run), "--path", str(moved), "--images-per-class", "5", "--cache", str(finished["cache"])])
     assert rc == 0 and "on 15 unseen images the best combiner" in capsys.readouterr().out
+
+
+def test_summary_picks_combiner_and_member_on_oof_rows_not_on_the_unseen_images():
+    """The unseen images score the choice; choosing by their accuracy would select on them."""
+    def entry(acc, nll=1.0):
+        return {"accuracy": acc, "f1": acc, "nll": nll}
+
+    result = {"members": {"a": entry(0.70), "b": entry(0.60)},
+              "combiners": {"mean": entry(0.65), "stacking": entry(0.90)}}
+    recorded = {"members": {"a": {"oof": entry(0.50)}, "b": {"oof": entry(0.55)}},
+                "combiners": {"mean": {"oof": entry(0.58)}, "stacking": {"oof": entry(0.58, nll=2.0)}}}
+    last = unseen.table(result, recorded, 10).splitlines()[-1]
+    assert last == ("on 10 unseen images the best combiner by nested OOF accuracy (mean) is +5.00 points "
+                    "against the best member by OOF accuracy (b)")

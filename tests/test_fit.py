@@ -364,3 +364,23 @@ def test_a_combiner_refused_after_training_is_one_line_and_keeps_the_members(tmp
                                                  r"the trained members are kept"):
         evaluate(r, run)
     assert sorted(p for p in (run / "members").rglob("*") if p.is_file()) == before
+
+
+def test_a_damaged_cached_logits_file_names_the_job_to_retrain(tmp_path, capsys, monkeypatch):
+    from run_fixture import make_run
+
+    run = make_run(tmp_path)
+    damaged = run / "members" / "convnext_nano" / "fold1" / "oof_logits.npy"
+    damaged.write_bytes(damaged.read_bytes()[:100])
+    with pytest.raises(store.RunError) as info:
+        store.load_logits(run, ["convnext_nano"])
+    assert f"{damaged}: not a readable numpy array" in str(info.value)
+    assert f"delete {damaged.parent} and run `python -m ensemble.fit" in str(info.value)
+
+    def evaluate_the_run(args):
+        return store.load_logits(run, ["convnext_nano"])
+
+    monkeypatch.setattr(fit, "run", evaluate_the_run)  # fit's evaluate step reads the logits so
+    assert fit.main([str(tmp_path / "any.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "to retrain that job" in err

@@ -295,7 +295,7 @@ def test_bad_input_is_reported_and_others_predicted(base, tmp_path, capsys, good
     assert rc == 1
     assert f"error: {bad}" in err and message in err and "BytesIO" not in err
     assert [r["path"] for r in read_csv(out)] == [str(good_image)]
-    assert "1 inputs failed" in stdout
+    assert "1 input failed" in stdout
 
 
 def test_nothing_readable_exits_1_without_csv(base, tmp_path, capsys):

@@ -47,6 +47,14 @@ BAD_OVERRIDES = [
     (["ensemble.meta_learner='knn'", "ensemble.meta_params={n_neighbors=5000}"],
      "combiner 'stacking' cannot be fitted: Expected n_neighbors <= n_samples_fit"),
     (["ensemble.combiners=[]"], "ensemble.combiners must be a non-empty list"),
+    (["data.path='digits_tree'"], "data.path is read only when data.source = 'folder' (source is 'digits')"),
+    (["seed=-1"], "digits_5fold.toml: seed must be in [0, 2**32 - 1], got -1"),
+    (["data.source='folder'", "data.path=2024"], '''data.path must be a string, got 2024; with --set, quote it: --set 'data.path="2024"'''),
+    (["backbones.0.name='timm:vit_tiny_patch16_224'"],
+     "backbones[0] (timm:vit_tiny_patch16_224) cannot train on 16x16 images in batches of 64: AssertionError: "
+     "Input height (16) doesn't match model (224)"),
+    (["train.batch_size=1"], "backbones[0] (timm:test_resnet) cannot train on 16x16 images in batches of 1: "
+                             "ValueError: Expected more than 1 value per channel when training"),
     (["train.lr=inf"], "digits_5fold.toml: train.lr must be a finite number, got inf"),
     (["seed.x=1"], "--set seed.x: seed is a value (0), not a table; set it with --set seed=..."),
     (["backbones.3.lr=0.1"], "--set backbones.3.lr: no list item '3' (there are 3)"),
@@ -209,7 +217,7 @@ def test_shipped_recipes_load_and_build_every_backbone(path, tmp_path):
 
     from ensemble import backbones
 
-    r = recipe.load(path, [f"data.path='{tmp_path}'"] if "folder" in path.read_text() else [])
+    r = recipe.load(path, [f"data.path='{tmp_path}'"] if 'source = "folder"' in path.read_text() else [])
     assert r.backbones and len({b.alias for b in r.backbones}) == len(r.backbones)
     recipe.check_backbone_names(r)
     for b in r.backbones:

@@ -119,13 +119,16 @@ def table(result: dict, recorded: dict, n: int) -> str:
              "-" * 82]
     for kind in ("members", "combiners"):
         for name, m in sorted(result[kind].items(), key=lambda kv: -kv[1]["accuracy"]):
-            test = recorded.get(kind, {}).get(name, {}).get("test", {}).get("accuracy")
+            test = recorded[kind][name].get("test", {}).get("accuracy")
             test_text = f"{test:9.4f}" if test is not None else f"{'-':>9s}"
             lines.append(f"{kind[:-1]:9s} {name:28s} {test_text} {m['accuracy']:11.4f} {m['f1']:10.4f} {m['nll']:11.4f}")
-    best = {kind: max(result[kind].items(), key=lambda kv: kv[1]["accuracy"]) for kind in result}
-    gain = 100 * (best["combiners"][1]["accuracy"] - best["members"][1]["accuracy"])
-    lines.append(f"on {n} unseen images the best combiner ({best['combiners'][0]}) is {gain:+.2f} points "
-                 f"against the best member ({best['members'][0]})")
+    # chosen as fit chose them, on OOF rows: picking by unseen accuracy would select on the set it scores
+    oof = {kind: {name: recorded[kind][name]["oof"] for name in result[kind]} for kind in result}
+    best = {kind: max(oof[kind], key=lambda name: (oof[kind][name]["accuracy"], -oof[kind][name]["nll"]))
+            for kind in result}  # fit's rule (evaluate._rank)
+    gain = 100 * (result["combiners"][best["combiners"]]["accuracy"] - result["members"][best["members"]]["accuracy"])
+    lines.append(f"on {n} unseen images the best combiner by nested OOF accuracy ({best['combiners']}) is "
+                 f"{gain:+.2f} points against the best member by OOF accuracy ({best['members']})")
     return "\n".join(lines)
 
 
@@ -140,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
         device = predict.inference_device(args.device)
         images = load_unseen(run, cfg, seed, args.cache or default_cache_dir(), args.images_per_class)
         result = evaluate(run, images, device)
-        recorded = store.read_json(run.dir / "metrics.json") if (run.dir / "metrics.json").is_file() else {}
+        recorded = store.read_json(run.dir / "metrics.json")  # RunError when missing: the run is unfinished
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
