@@ -137,7 +137,7 @@ def evaluate(recipe: Recipe, run_dir: Path, quiet: bool = False) -> dict:
             save_combiner(fitted, run_dir / "combiners", _file_name(name))
             index[name] = {"file": _file_name(name), "members": logits.names}
             result["combiners"][name] = _score_splits(logits, oof, test, classes)
-    result["best"] = max(result["combiners"], key=lambda n: _rank(result["combiners"][n]), default=None)
+    result["best"] = max(result["combiners"], key=lambda n: rank(result["combiners"][n]), default=None)
     store.write_json(run_dir / "combiners" / "index.json", {"best": result["best"], "combiners": index})
     keep = {entry["file"] for entry in index.values()} | {"index"}
     for old in (run_dir / "combiners").glob("*"):  # a combiner dropped from the recipe leaves no state
@@ -154,7 +154,8 @@ def _file_name(name: str) -> str:
     return name.replace(":", "-").replace("+", "_")
 
 
-def _rank(entry: dict) -> tuple[float, float]:
+def rank(entry: dict) -> tuple[float, float]:
+    """How fit picks the best: OOF accuracy, then OOF log-loss (an entry of metrics.json)."""
     oof = entry["oof"]
     return (oof["accuracy"], -oof["nll"])
 

@@ -27,6 +27,7 @@ import torch
 
 from ensemble import data, metrics, predict, store
 from ensemble.bench._args import check_at_least
+from ensemble.evaluate import rank
 from ensemble.fit import default_cache_dir
 from ensemble.recipe import RecipeError, load
 from ensemble.store import RunError
@@ -123,9 +124,7 @@ def table(result: dict, recorded: dict, n: int) -> str:
             test_text = f"{test:9.4f}" if test is not None else f"{'-':>9s}"
             lines.append(f"{kind[:-1]:9s} {name:28s} {test_text} {m['accuracy']:11.4f} {m['f1']:10.4f} {m['nll']:11.4f}")
     # chosen as fit chose them, on OOF rows: picking by unseen accuracy would select on the set it scores
-    oof = {kind: {name: recorded[kind][name]["oof"] for name in result[kind]} for kind in result}
-    best = {kind: max(oof[kind], key=lambda name: (oof[kind][name]["accuracy"], -oof[kind][name]["nll"]))
-            for kind in result}  # fit's rule (evaluate._rank)
+    best = {kind: max(result[kind], key=lambda name: rank(recorded[kind][name])) for kind in result}
     gain = 100 * (result["combiners"][best["combiners"]]["accuracy"] - result["members"][best["members"]]["accuracy"])
     lines.append(f"on {n} unseen images the best combiner by nested OOF accuracy ({best['combiners']}) is "
                  f"{gain:+.2f} points against the best member by OOF accuracy ({best['members']})")
