@@ -111,9 +111,11 @@ class Images:
 
 @dataclass(frozen=True)
 class Dataset:
-    """Training images, optional test images, content fingerprint and train statistics.
+    """Training images, optional test images, their content fingerprints and train statistics.
 
-    `mean` and `std` are per channel, on the 0..1 scale (pixel / 255), over `train.x`.
+    `fingerprint` is the training part's (what shapes a model's weights); `test_fingerprint`
+    the test part's ("" without one: it shapes only the test logits). `mean` and `std` are
+    per channel, on the 0..1 scale (pixel / 255), over `train.x`.
     """
 
     train: Images
@@ -121,6 +123,7 @@ class Dataset:
     fingerprint: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    test_fingerprint: str = ""
 
 
 # --------------------------------------------------------------------------- entry point
@@ -166,7 +169,8 @@ def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
         train, test = hold_out(train, cfg.test_fraction, seed)
     train, test = _same_channels(train, test)
     mean, std = channel_stats(train.x)
-    return Dataset(train=train, test=test, fingerprint=fingerprint(train, test), mean=mean, std=std)
+    return Dataset(train=train, test=test, fingerprint=fingerprint(train), mean=mean, std=std,
+                   test_fingerprint="" if test is None else fingerprint(test))
 
 
 def _load_source(cfg, cache_dir: Path, progress: bool) -> tuple[Images, Images | None]:
@@ -247,10 +251,10 @@ def _to_rgb(images: Images) -> Images:
 # --------------------------------------------------------------------------- fingerprint and statistics
 
 
-def fingerprint(train: Images, test: Images | None) -> str:
-    """A content hash (16 hex digits) of train and test x, y and the class names."""
-    h = hashlib.sha256(json.dumps(list(train.classes)).encode())
-    for t in (train.x, train.y) + ((test.x, test.y) if test is not None else ()):
+def fingerprint(images: Images) -> str:
+    """A content hash (16 hex digits) of x, y and the class names."""
+    h = hashlib.sha256(json.dumps(list(images.classes)).encode())
+    for t in (images.x, images.y):
         a = np.ascontiguousarray(t.numpy())
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))

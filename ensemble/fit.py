@@ -1,7 +1,8 @@
 """``python -m ensemble.fit RECIPE``: train every (backbone, fold) job, then fit the combiners.
 
 Finished jobs are read back from the run folder, so a rerun (after a crash, a
-kill or a changed ``[ensemble]`` section) trains only what is missing.
+kill or a changed ``[ensemble]`` section) trains only what is missing; new test
+images are predicted with the saved models, without retraining.
 """
 
 from __future__ import annotations
@@ -105,6 +106,7 @@ def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -
         "channels": int(train.x.shape[1]),
         "image_size": int(train.x.shape[-1]),
         "fingerprint": dataset.fingerprint,
+        "test_fingerprint": dataset.test_fingerprint,
         "mean": list(dataset.mean),
         "std": list(dataset.std),
     })
@@ -185,13 +187,14 @@ def check_out(run_dir: Path, recipe: Recipe) -> str | None:
     return previous
 
 
-def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: list) -> None:
+def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: list, new_test: list) -> None:
     """Before the new recipe is written: jobs about to retrain lose their done-marker, and the old
-    metrics and combiners go when anything changes, so a refit stopped half-way never leaves old
-    results that look current (``predict`` and ``report`` then ask for the run to be completed)."""
+    metrics and combiners go when anything changes (a job, its test images, the recipe), so a refit
+    stopped half-way never leaves old results that look current (``predict`` and ``report`` then ask
+    for the run to be completed)."""
     for job in pending:
         (store.job_dir(run_dir, job.alias, job.fold) / "done.json").unlink(missing_ok=True)
-    if pending or previous != recipe_mod.dumps(recipe):
+    if pending or new_test or previous != recipe_mod.dumps(recipe):
         (run_dir / "metrics.json").unlink(missing_ok=True)
         (run_dir / "metrics.csv").unlink(missing_ok=True)
         (run_dir / "combiners" / "index.json").unlink(missing_ok=True)
@@ -208,6 +211,27 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
     for i, s in enumerate(results, 1):
         print(f"[{i}/{len(pending)}] {s['alias']} fold{s['fold']}: held-out acc {s['val_acc']:.4f}, "
               f"{s['seconds']:.1f} s on {s['device']}", flush=True)
+
+
+def test_outdated(run_dir: Path, job) -> bool:
+    """True when a finished job's test logits are not of the run's current test images."""
+    folder = store.job_dir(run_dir, job.alias, job.fold)
+    if not job.test_key and not (folder / "test_logits.npy").exists():
+        return False  # no test set, no test logits: nothing to change
+    return store.test_key_of(folder) != job.test_key
+
+
+def predict_new_test(dataset, folds: np.ndarray, run_dir: Path, new_test: list) -> None:
+    """Cached jobs whose test images changed predict the new ones with their saved models."""
+    if not new_test:
+        return
+    data = jobs_mod.SharedData.from_dataset(dataset, folds)
+    t0 = time.perf_counter()
+    for job in new_test:
+        jobs_mod.predict_test(job, data, run_dir)
+    what = "predicted the new test images" if dataset.test is not None else "dropped the test logits"
+    print(f"test set changed: {what} of {len(new_test)} cached "
+          f"job{'s' if len(new_test) > 1 else ''}, without retraining ({time.perf_counter() - t0:.1f} s)", flush=True)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -232,8 +256,9 @@ def run(args: argparse.Namespace) -> Path:
     print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
           f"({time.perf_counter() - t0:.1f} s)")
-    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds)
+    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
+    new_test = [j for j in all_jobs if j not in pending and test_outdated(run_dir, j)]
     to_train = {j.alias for j in pending}
     check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]),
                     int(dataset.train.x.shape[-1]))
@@ -241,10 +266,11 @@ def run(args: argparse.Namespace) -> Path:
         check_devices(recipe, to_train)
     # connected before the run folder changes: an unreachable cluster is an error that writes nothing
     with jobs_mod.cluster(args.backend, args.scheduler, args.address) if pending else contextlib.nullcontext():
-        invalidate(run_dir, recipe, previous, pending)  # every check passed: from here on the run folder changes
+        invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: from here on the run folder changes
         write_run_files(run_dir, recipe, dataset, folds)
         print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
         train_members(recipe, dataset, folds, run_dir, pending, args)
+    predict_new_test(dataset, folds, run_dir, new_test)
     combine_and_report(recipe, run_dir, args)
     print(f"done in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir

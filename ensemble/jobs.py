@@ -1,8 +1,10 @@
 """(backbone, fold) jobs: what each one is keyed by, and running them with joblib.
 
-A job is reused only when everything that shaped it is unchanged: the data
-fingerprint, the backbone and its training settings (performance-only keys
-excluded), the fold split and the seed. Jobs are independent, so the fan-out is
+A job is reused only when everything that shaped its weights is unchanged: the
+training images' fingerprint, the backbone and its training settings
+(performance-only keys excluded), the fold split and the seed. The test images
+are not part of that key: a job whose test set changed keeps its weights and
+only predicts the new test images (:func:`predict_test`). Jobs are independent, so the fan-out is
 joblib: local processes, or its Dask/Ray backends on a cluster.
 """
 
@@ -26,7 +28,7 @@ import torch
 from . import backbones, store
 from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
 
-CACHE_VERSION = 1  # bump when the training loop changes what a cached job contains
+CACHE_VERSION = 2  # bump when what a cached job contains changes (2: keyed by the training images alone)
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,7 @@ class Job:
     backbone: BackboneConfig
     key: str
     seed: int
+    test_key: str = ""  # fingerprint of the test images its test logits are of ("" without a test set)
 
 
 @dataclass(frozen=True)
@@ -86,8 +89,9 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray) -> list[Job]:
-    """Every (backbone, fold) job of the recipe, backbone-major."""
+def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "") -> list[Job]:
+    """Every (backbone, fold) job of the recipe, backbone-major; ``data_fingerprint`` is the
+    training images', ``test_fingerprint`` the test images' ("" without a test set)."""
     folds_fp = store.fingerprint(folds)
     jobs = []
     for b in recipe.backbones:
@@ -95,7 +99,7 @@ def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray) -> list[Job]:
         for k in range(recipe.cv.folds):
             key = store.fingerprint(CACHE_VERSION, data_fingerprint, shaping, folds_fp, recipe.seed, k)
             seed = int(store.fingerprint(recipe.seed, b.alias, k), 16) % 2**31
-            jobs.append(Job(b.alias, k, b, key, seed))
+            jobs.append(Job(b.alias, k, b, key, seed, test_fingerprint))
     return jobs
 
 
@@ -180,6 +184,7 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
     seconds = time.perf_counter() - t0
     meta = {
         "key": job.key,
+        "test_key": job.test_key,
         "alias": job.alias,
         "fold": job.fold,
         "seed": job.seed,
@@ -194,6 +199,36 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
     store.write_job(store.job_dir(run_dir, job.alias, job.fold), output, meta)
     last = output.history["epochs"][-1]
     return {"alias": job.alias, "fold": job.fold, "val_acc": last["val_acc"], "seconds": seconds, "device": str(dev)}
+
+
+def predict_test(job: Job, data: SharedData, run_dir: Path) -> None:
+    """Give a finished job the test logits of the run's current test images, predicted by its saved
+    models (snapshots first, final weights last, as training kept them): the test set changed, the
+    weights did not. Inference runs where the job trained, or on the CPU where that device is missing."""
+    from .predict import load_model
+    from .train import infer, resolve_device, use_channels_last
+
+    directory = store.job_dir(run_dir, job.alias, job.fold)
+    if data.x_test is None:
+        store.write_test_logits(directory, None, job.test_key)
+        return
+    hint = store.retrain_hint(run_dir, directory)
+    try:
+        n_models = store.read_npy(directory / "oof_logits.npy").shape[0]
+    except store.RunError as exc:
+        raise store.RunError(f"{exc}; {hint}") from None
+    try:
+        device = resolve_device(job.backbone.train.device)
+    except ValueError:
+        device = torch.device("cpu")
+    channels_last = use_channels_last(job.backbone.train, device)
+    x_test = torch.from_numpy(np.array(data.x_test))  # a writable copy
+    logits = []
+    for name in [f"snapshot{i}.safetensors" for i in range(n_models - 1)] + ["weights.safetensors"]:
+        model = load_model(job.backbone, data.n_classes, x_test.shape[1], directory / name, device, channels_last,
+                           hint)
+        logits.append(infer(model, x_test, data.mean, data.std, device, channels_last=channels_last).numpy())
+    store.write_test_logits(directory, np.stack(logits), job.test_key)
 
 
 @contextlib.contextmanager

@@ -276,21 +276,30 @@ def _load_fold_model(run: Run, member: Member, fold: int, device: torch.device, 
             f"{folder}: job not finished (no done.json): the run is unfinished; complete it with "
             f"`{fit_command(run.dir)}`"
         )
-    path = folder / member.weights
-    state = read_weights(path, _retrain_hint(run, folder))
-    b = member.backbone
+    return load_model(member.backbone, len(run.data.classes), run.data.channels, folder / member.weights,
+                      device, channels_last, store.retrain_hint(run.dir, folder))
+
+
+def load_model(b: BackboneConfig, n_classes: int, channels: int, path: Path, device: torch.device,
+               channels_last: bool, hint: str) -> nn.Module:
+    """Backbone ``b`` with the safetensors weights at ``path`` (strict), in eval mode on ``device``.
+
+    Weights that are unreadable, hold NaN or inf, or do not fit the backbone are a RunError
+    naming ``path`` and ending with ``hint`` (what to do about it).
+    """
+    state = read_weights(path, hint)
     try:
-        model = backbones.create(b.name, num_classes=len(run.data.classes), in_chans=run.data.channels,
-                                 stem=b.stem, pretrained="", model_args=b.model_args)
+        model = backbones.create(b.name, num_classes=n_classes, in_chans=channels, stem=b.stem, pretrained="",
+                                 model_args=b.model_args)
     except Exception as exc:  # noqa: BLE001 - timm/torchvision raise many types for a bad name/args
-        raise RunError(f"{run.dir / 'recipe.toml'}: cannot build backbone {b.name!r} ({exc})") from None
+        raise RunError(f"{path}: cannot build backbone {b.name!r} for these weights ({exc})") from None
     bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
-        raise RunError(f"{path}: tensor {bad!r} holds NaN or inf; {_retrain_hint(run, folder)}")
+        raise RunError(f"{path}: tensor {bad!r} holds NaN or inf; {hint}")
     mismatch = _state_mismatch(model.state_dict(), state)
     if mismatch:
-        raise RunError(f"{path}: these weights do not fit {b.name} with {len(run.data.classes)} classes and "
-                       f"{run.data.channels}-channel input: {mismatch}; {_retrain_hint(run, folder)}")
+        raise RunError(f"{path}: these weights do not fit {b.name} with {n_classes} classes and "
+                       f"{channels}-channel input: {mismatch}; {hint}")
     model.load_state_dict(state, strict=True)
     model = model.to(device).eval()
     return model.to(memory_format=torch.channels_last) if channels_last else model
@@ -306,10 +315,6 @@ def _state_mismatch(expected: dict[str, torch.Tensor], got: dict[str, torch.Tens
              f"{len(shapes)} of the wrong shape (e.g. {shapes[0]!r}: expected {tuple(expected[shapes[0]].shape)}, "
              f"got {tuple(got[shapes[0]].shape)})" if shapes else ""]
     return ", ".join(p for p in parts if p)
-
-
-def _retrain_hint(run: Run, folder: Path) -> str:
-    return f"delete {folder} and run `{fit_command(run.dir)}` to retrain that job"
 
 
 def read_weights(path: Path, hint: str = "restore it") -> dict[str, torch.Tensor]:

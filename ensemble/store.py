@@ -83,6 +83,11 @@ def fit_command(run_dir: Path) -> str:
     return f"python -m ensemble.fit {shlex.quote(str(Path(run_dir) / 'recipe.toml'))} --out {shlex.quote(str(run_dir))}"
 
 
+def retrain_hint(run_dir: Path, job_folder: Path) -> str:
+    """What to do about a damaged file of a finished job."""
+    return f"delete {job_folder} and run `{fit_command(run_dir)}` to retrain that job"
+
+
 def summary(doc: str) -> str:
     """A module docstring's first line for ``--help``, without reST double backticks."""
     return doc.splitlines()[0].replace("``", "")
@@ -138,12 +143,37 @@ def job_dir(run_dir: Path, alias: str, fold: int) -> Path:
     return Path(run_dir) / "members" / alias / f"fold{fold}"
 
 
+def _done(directory: Path) -> dict:
+    try:
+        done = json.loads((Path(directory) / "done.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return done if isinstance(done, dict) else {}
+
+
 def is_done(directory: Path, key: str) -> bool:
     """True when the job in ``directory`` finished with exactly this ``key``."""
-    try:
-        return json.loads((Path(directory) / "done.json").read_text()).get("key") == key
-    except (OSError, ValueError):
-        return False
+    return _done(directory).get("key") == key
+
+
+def test_key_of(directory: Path) -> str | None:
+    """The fingerprint of the test images a finished job's test logits are of ("" for none;
+    None when unknown)."""
+    return _done(directory).get("test")
+
+
+def write_test_logits(directory: Path, test_logits: np.ndarray | None, test_key: str) -> None:
+    """Replace a finished job's test logits (None: the run has no test set now). ``done.json``
+    names no test set while they change and the new one only once they are written, so a kill in
+    between predicts again, whichever test set the next run has."""
+    directory = Path(directory)
+    done = _done(directory)
+    write_json(directory / "done.json", done | {"test": None})
+    if test_logits is None:
+        (directory / "test_logits.npy").unlink(missing_ok=True)
+    else:
+        write_npy(directory / "test_logits.npy", test_logits)
+    write_json(directory / "done.json", done | {"test": test_key})
 
 
 def write_job(directory: Path, output, meta: dict) -> None:
@@ -161,7 +191,7 @@ def write_job(directory: Path, output, meta: dict) -> None:
         atomic_write(directory / f"snapshot{i}.safetensors", lambda f, s=state: f.write(save(s)))
     atomic_write(directory / "weights.safetensors", lambda f: f.write(save(final)))
     write_json(directory / "meta.json", meta)
-    write_json(directory / "done.json", {"key": meta["key"]})
+    write_json(directory / "done.json", {"key": meta["key"], "test": meta["test_key"]})
 
 
 # --------------------------------------------------------------------------- reading logits back
@@ -207,7 +237,7 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
                 if y_test is not None:
                     fold_test.append(read_npy(d / "test_logits.npy"))
             except RunError as exc:  # damaged after the job finished (writes are atomic)
-                raise RunError(f"{exc}; delete {d} and run `{fit_command(run_dir)}` to retrain that job") from None
+                raise RunError(f"{exc}; {retrain_hint(run_dir, d)}") from None
         s, c = fold_oof[0].shape[0], fold_oof[0].shape[-1]
         full = np.empty((s, len(y), c), dtype=np.float32)
         for fold, part in enumerate(fold_oof):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -102,6 +103,16 @@ def test_refuses_images_that_are_not_the_runs(finished, tmp_path, capsys):
     rc = unseen.main([str(finished["run"]), "--path", str(other), "--cache", str(tmp_path / "cache")])
     assert rc == 2
     assert "are not the ones the run used" in capsys.readouterr().err
+
+
+def test_a_run_of_an_older_version_is_told_to_rerun_fit(finished, tmp_path, capsys):
+    run = Path(shutil.copytree(finished["run"], tmp_path / "run"))
+    info = read_json(run / "data.json")
+    del info["test_fingerprint"]  # before 2026-11: one fingerprint of training and test images
+    (run / "data.json").write_text(json.dumps(info))
+    assert unseen.main([str(run), "--cache", str(finished["cache"])]) == 2
+    err = capsys.readouterr().err
+    assert "written by an older ensemble" in err and "(it retrains the run)" in err
 
 
 def test_refuses_a_run_without_a_per_class_subset(finished, tmp_path, capsys):

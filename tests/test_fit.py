@@ -155,7 +155,7 @@ def test_sigkill_twice_then_resume_equals_uninterrupted_run(tiny_recipe, tmp_pat
     rng = np.random.default_rng()  # random moments: a different interleaving every run
     finished: dict[str, int] = {}
     for n_done in (1, 3):
-        _kill_after_jobs(tiny_recipe, killed, session_cache, extra, n_done, rng.uniform(0, per_job))
+        _kill_after_jobs(tiny_recipe, killed, session_cache, extra, n_done, rng.uniform(0, per_job / 2))
         now = job_pids(killed)
         assert {k: now[k] for k in finished} == finished, "a finished job was trained again"
         finished = now
@@ -233,13 +233,13 @@ def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, ses
 
 
 
-def digit_tree(root: Path, n: int = 40) -> Path:
-    """The first `n` digits as 8x8 PNGs in two class folders, root/low and root/high."""
+def digit_tree(root: Path, n: int = 40, start: int = 0) -> Path:
+    """Digits start..start+n-1 as 8x8 PNGs in two class folders, root/low and root/high."""
     from PIL import Image
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    for i in range(n):
+    for i in range(start, start + n):
         folder = root / ("low" if digits.target[i] < 5 else "high")
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray((digits.images[i] * 16).clip(0, 255).astype(np.uint8)).save(folder / f"{i:02d}.png")
@@ -384,3 +384,56 @@ def test_a_damaged_cached_logits_file_names_the_job_to_retrain(tmp_path, capsys,
     assert fit.main([str(tmp_path / "any.toml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1 and "to retrain that job" in err
+
+
+def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tmp_path, session_cache, capsys):
+    """The test images shape no weights: a changed test set keeps every job and gives it the test
+    logits a fresh run would have (snapshots included); dropping the test set drops them."""
+    train, test = digit_tree(tmp_path / "imgs"), digit_tree(tmp_path / "test", n=20, start=40)
+    (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(train))))
+    sets = ["--set", f"data.test_path={json.dumps(str(test))}", "--set", "train.epochs=2",
+            "--set", "backbones=[{name='timm:test_resnet', snapshots=2}]"]
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0
+    trained = job_pids(run)
+    digit_tree(test, n=1, start=60)  # one more test image
+    capsys.readouterr()
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0
+    out = capsys.readouterr().out
+    assert "rel: 2 jobs, 2 cached, 0 to train" in out
+    assert "test set changed: predicted the new test images of 2 cached jobs, without retraining" in out
+    assert job_pids(run) == trained
+    assert len(np.load(run / "test_labels.npy")) == 21
+
+    fresh = tmp_path / "fresh"
+    assert fit.main(fit_args(tmp_path / "r.toml", fresh, session_cache, *sets)) == 0
+    for k in (0, 1):
+        got = np.load(run / f"members/test_resnet/fold{k}/test_logits.npy")
+        assert got.shape == (2, 21, 2)  # both snapshots
+        np.testing.assert_allclose(got, np.load(fresh / f"members/test_resnet/fold{k}/test_logits.npy"), atol=1e-5)
+    assert json.loads((run / "metrics.json").read_text()) == json.loads((fresh / "metrics.json").read_text())
+
+    capsys.readouterr()
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets, "--set", "data.test_path=''")) == 0
+    assert "test set changed: dropped the test logits of 2 cached jobs" in capsys.readouterr().out
+    assert job_pids(run) == trained and not list(run.glob("members/*/fold*/test_logits.npy"))
+    assert all(set(m) == {"oof"} for m in json.loads((run / "metrics.json").read_text())["members"].values())
+
+
+def test_replacing_test_logits_names_no_test_set_until_they_are_written(tmp_path, monkeypatch):
+    """Killed while a job's test logits are replaced, its done.json names no test set (not the old
+    one), so the next fit predicts them again whatever test images it has."""
+    folder = tmp_path / "fold0"
+    folder.mkdir()
+    (folder / "done.json").write_text(json.dumps({"key": "k", "test": "old"}))
+
+    def killed(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "write_npy", killed)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_test_logits(folder, np.zeros((1, 3, 2), np.float32), "new")
+    assert store.is_done(folder, "k") and store.test_key_of(folder) is None
+    monkeypatch.undo()
+    store.write_test_logits(folder, np.ones((1, 3, 2), np.float32), "new")
+    assert store.test_key_of(folder) == "new" and np.load(folder / "test_logits.npy").sum() == 6

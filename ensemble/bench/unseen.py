@@ -78,7 +78,11 @@ def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int)
         used = data.select(source, source_test, cfg, seed)
     except data.DataError as exc:
         raise RunError(str(exc)) from None
-    recorded = store.read_json(run.dir / "data.json").get("fingerprint")
+    info = store.read_json(run.dir / "data.json")
+    recorded = info.get("fingerprint")
+    if "test_fingerprint" not in info:
+        raise RunError(f"{run.dir}: written by an older ensemble, whose data fingerprint also covered the test "
+                       f"images; run `{store.fit_command(run.dir)}` (it retrains the run) and try again")
     if used.fingerprint != recorded:
         raise RunError(
             f"{cfg.path}: the images it gives for this recipe (fingerprint {used.fingerprint}) are not the "
