@@ -158,6 +158,8 @@ def read_source(cfg, cache_dir: Path, progress: bool = True) -> tuple[Images, Im
     cache_dir = Path(cache_dir)
     train, test = _load_source(cfg, cache_dir, progress)
     if cfg.test_path:
+        if test is not None:
+            _warn_notes([f"data.test_path replaces {cfg.source}'s official test split as the test set"])
         test = _load_folder_cached(cfg.test_path, "data.test_path", cfg, cache_dir, progress, known=train.classes)
     return train, test
 
@@ -166,6 +168,9 @@ def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
     """The recipe's images from its source: ``per_class``, then the ``test_fraction`` hold-out."""
     train = keep_per_class(train, cfg.per_class)
     if cfg.test_fraction > 0:
+        if test is not None:
+            _warn_notes([f"data.test_fraction = {cfg.test_fraction} replaces {cfg.source}'s official test split: "
+                         "the test set is held out of its training split"])
         train, test = hold_out(train, cfg.test_fraction, seed)
     train, test = _same_channels(train, test)
     mean, std = channel_stats(train.x)

@@ -47,7 +47,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="joblib backend: local processes (loky), or a Dask / Ray cluster")
     p.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (with --backend dask)")
     p.add_argument("--address", help="Ray cluster address, e.g. HOST:6379 (with --backend ray)")
-    p.add_argument("--cache", type=Path, default=None, help="decoded-image cache (default: ~/.cache/ensemble)")
+    p.add_argument("--cache", type=Path, default=None, help="decoded-image cache (default: $ENSEMBLE_CACHE, else $XDG_CACHE_HOME/ensemble, "
+                        "else ~/.cache/ensemble)")
     p.add_argument("--no-report", action="store_true", help="skip writing report/")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_args(argv)
@@ -132,12 +133,13 @@ def check_devices(recipe: Recipe, aliases: set[str]) -> None:
 
 def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chans: int, image_size: int) -> None:
     """Build every backbone about to train once and take one training step's forward and
-    backward pass on a zero batch, so that a bad name, ``model_args``, stem, weights file,
-    image size the model cannot take (a ViT built for 224) or a batch size of 1 under
-    batch norm fails now, naming its key, rather than as a traceback from inside a job."""
+    backward pass on a zero batch, augmented first, so that a bad name, ``model_args``, stem,
+    weights file, image size the model or an augmentation cannot take (a ViT built for 224, a
+    4-pixel crop of 4-pixel images) or a batch size of 1 under batch norm fails now, naming its key, rather than as a traceback from inside a job."""
     import torch
 
     from . import backbones
+    from .augment import make_augment
 
     recipe_mod.check_backbone_names(recipe, aliases)
     for i, b in enumerate(recipe.backbones):
@@ -149,6 +151,12 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
         except Exception as exc:  # noqa: BLE001 - whatever the library raises, the recipe's settings caused it
             raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {_reason(exc)}") from None
         n = min(2, b.train.batch_size)
+        try:
+            make_augment(b.train.augment)(torch.zeros(n, in_chans, image_size, image_size, dtype=torch.uint8),
+                                          torch.Generator().manual_seed(0))
+        except ValueError as exc:
+            key = "train.augment" if b.train.augment == recipe.train.augment else f"backbones[{i}].augment"
+            raise recipe.error(key, f"cannot be applied to {image_size}x{image_size} images: {exc}") from None
         try:
             out = net.train()(torch.zeros(n, in_chans, image_size, image_size))
             if not isinstance(out, torch.Tensor) or out.shape != (n, num_classes):
@@ -169,10 +177,16 @@ def _reason(exc: Exception) -> str:
 
 def check_out(run_dir: Path, recipe: Recipe) -> str | None:
     """The text of the run's previous ``recipe.toml`` (None for a new run); refuses an output
-    folder that holds another recipe's run, which fit would mix with this one."""
+    folder that holds another recipe's run, which fit would mix with this one, or other files,
+    which it could delete."""
     try:
         previous = (run_dir / "recipe.toml").read_text()
     except FileNotFoundError:
+        others = [] if not run_dir.is_dir() else [p.name for p in run_dir.iterdir() if not p.name.startswith(".")]
+        if others:  # fit would delete or overwrite what it finds there (metrics.json, report/, combiners/)
+            raise RecipeError(f"--out {run_dir} is not empty ({', '.join(sorted(others)[:3])}"
+                              f"{', ...' if len(others) > 3 else ''}) and holds no run; give a new or empty "
+                              "folder") from None
         return None
     except (OSError, UnicodeDecodeError):
         previous = ""

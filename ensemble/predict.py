@@ -409,7 +409,7 @@ def _decode_batch(entries: list[_Entry], data: DataInfo) -> tuple[torch.Tensor |
         except OSError as exc:
             failures.append((e.path, f"cannot be read ({exc.strerror or exc})"))
             continue
-        problem = _transparency_problem(blob, data.channels)
+        problem = _transparency_problem(blob)
         if problem:
             failures.append((e.path, problem))
             continue
@@ -435,7 +435,7 @@ def _decode_or_split(blobs: list[bytes], entries: list[_Entry], data: DataInfo):
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
 
 
-def _transparency_problem(blob: bytes, channels: int) -> str | None:
+def _transparency_problem(blob: bytes) -> str | None:
     """A reason when the image has an alpha channel (or colour key) with transparent pixels.
 
     Training drops alpha; here a transparent image is refused, since its hidden pixels are arbitrary.
@@ -446,13 +446,11 @@ def _transparency_problem(blob: bytes, channels: int) -> str | None:
         with Image.open(io.BytesIO(blob)) as im:
             if not has_transparent_pixels(im):
                 return None
-            bands, mode = im.getbands(), im.mode
-            n = len(bands) + (0 if "A" in bands or "a" in bands else 1)
+            mode = im.mode
     except _PIL_ERRORS:
         return None  # decode_images reports it
-    kind = "grayscale" if channels == 1 else "RGB"
-    return (f"has {n} channels ({mode} with transparent pixels) but the run's models take {channels}-channel "
-            f"{kind} images; flatten it onto a background first")
+    return (f"has transparent pixels ({mode} image): the colours under them are arbitrary, and so would its "
+            "prediction be; flatten it onto a background first")
 
 
 def _list_input(arg: str, classes: tuple[str, ...]) -> tuple[list[_Entry], list, list[str]]:
@@ -618,7 +616,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--members", action="store_true", help="list the run's members and fitted combiners, then exit")
     p.add_argument("--out", type=Path, default=Path("preds.csv"),
                    help="CSV of predictions (default preds.csv); metrics go to <stem>.metrics.json")
-    p.add_argument("--tta", choices=("none", "flip"), default="none", help="test-time augmentation")
+    p.add_argument("--tta", choices=("none", "flip"), default="none",
+                   help="test-time augmentation: flip averages each model's logits of the image and of its "
+                        "mirror image (only for members trained with the flip augmentation)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -640,9 +640,20 @@ def inference_device(name: str) -> torch.device:
         raise RunError(f"--device {name!r}: {exc}") from None
 
 
+def check_flip(members: list[Member], method: str) -> None:
+    """``--tta flip`` averages in each model's logits of the mirrored image: meaningless for a
+    model that never trained on mirrored images (a mirrored digit is another digit)."""
+    for m in members:
+        if "flip" not in m.backbone.train.augment:
+            raise RunError(f"--tta flip: {method}'s member {m.name!r} never trained on mirrored images "
+                           f"(its augment is {list(m.backbone.train.augment)}); predict without --tta flip")
+
+
 def predict(run: Run, args: argparse.Namespace) -> int:
     """Predict ``args.inputs`` with ``run``; returns the exit status (0, or 1 when inputs failed)."""
     name, combiner, members = load_method(run, args.method)
+    if args.tta == "flip":
+        check_flip(members, name)
     device = inference_device(args.device)
     models = load_members(run, members, device)
     start = time.perf_counter()

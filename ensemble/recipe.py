@@ -30,6 +30,7 @@ class RecipeError(ValueError):
 
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
+META_LEARNERS = ("logistic", "random_forest", "extra_trees", "gradient_boosting", "knn")  # combiners.META_LEARNERS
 
 
 def _check(test, expected: str) -> dict:
@@ -111,7 +112,7 @@ class EnsembleConfig:
     members: str = field(default="final", metadata=_choice("final", "snapshots"))
     calibrate: bool = False
     weighted: WeightedConfig = WeightedConfig()
-    meta_learner: str = "logistic"
+    meta_learner: str = field(default="logistic", metadata=_choice(*META_LEARNERS))
     meta_params: dict = field(default_factory=dict)
 
 

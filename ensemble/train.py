@@ -60,7 +60,8 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     """Multiplier of ``cfg.lr`` at each optimizer step (updated every step).
 
     onecycle: linear warm-up, then linear decay to 0. cosine: warm-up, then cosine
-    to 0. snapshots = M: M cosine cycles restarting at the full rate (Huang et al., 2017).
+    to 0. snapshots = M: M cosine cycles restarting at the full rate (Huang et al., 2017),
+    in place of ``schedule`` and ``warmup``.
     """
     if cfg.snapshots:
         cycle = total_steps / cfg.snapshots
@@ -241,7 +242,9 @@ def _check_finite(row: dict, val_logits: torch.Tensor, cfg: TrainConfig, desc: s
         what = "held-out logits" if loss_ok else f"train loss {row['train_loss']:g}"
         raise DivergedError(
             f"{desc or 'training'} diverged in epoch {row['epoch']} ({what} not finite): "
-            f"lower its lr (now {cfg.lr:g}) or raise train.warmup (now {cfg.warmup:g})"
+            f"lower its lr (now {cfg.lr:g})"
+            + (" (its snapshot cycles have no warm-up)" if cfg.snapshots else
+               f" or raise train.warmup (now {cfg.warmup:g})")
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tarfile
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -141,7 +142,9 @@ def test_torchvision_source_from_local_files(tmp_path, source, folder):
     assert ds.train.x.shape == (30, 1, 28, 28) and ds.test.x.shape == (10, 1, 28, 28)
     assert np.array_equal(ds.train.x[:, 0].numpy(), train_x) and ds.test.y.tolist() == list(range(10))
     assert len(ds.train.classes) == 10
-    carved = load(tmp_path / "cache", source=source, root=str(tmp_path / "vision"), image_size=14, test_fraction=0.5)
+    with pytest.warns(data.DataNote, match=f"replaces {source}'s official test split"):
+        carved = load(tmp_path / "cache", source=source, root=str(tmp_path / "vision"), image_size=14,
+                      test_fraction=0.5)
     assert carved.train.x.shape == (15, 1, 14, 14) and len(carved.test.y) == 15  # official test not used
 
 
@@ -377,3 +380,19 @@ def test_cifar10_archive_slice(cifar_archive, session_cache):
     assert ds.train.x.shape == (200, 3, 32, 32) and ds.test is None
     assert torch.bincount(ds.train.y).tolist() == [20] * 10
     assert all(0.3 < m < 0.6 for m in ds.mean) and all(0.15 < s < 0.35 for s in ds.std)
+
+
+def test_a_test_set_replacing_a_torchvision_sources_official_split_is_noted(tmp_path, monkeypatch):
+    digits = load(tmp_path / "cache").train
+    official = data._subset(digits, np.arange(50))  # stands in for torchvision's test split (no download here)
+    monkeypatch.setattr(data, "_load_source", lambda cfg, cache, progress: (digits, official))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert len(load(tmp_path / "cache", source="cifar10").test.y) == 50
+    assert not [w for w in caught if issubclass(w.category, data.DataNote)]
+    with pytest.warns(data.DataNote, match="data.test_fraction = 0.2 replaces cifar10's official test split: the "
+                                           "test set is held out of its training split"):
+        assert len(load(tmp_path / "cache", source="cifar10", test_fraction=0.2).test.y) == 360
+    tree = make_tree(tmp_path / "tree", classes=("0", "1"), size=(8, 8))
+    with pytest.warns(data.DataNote, match="data.test_path replaces cifar10's official test split as the test set"):
+        assert len(load(tmp_path / "cache", source="cifar10", test_path=str(tree)).test.y) == 6

@@ -341,6 +341,20 @@ def test_a_diverged_job_stops_fit_with_a_clear_error(tiny_recipe, tmp_path, sess
     assert not list(run.glob("members/*/fold*/done.json")) and not (run / "metrics.json").exists()
 
 
+@pytest.mark.parametrize("snapshots, advice", [
+    (0, "lower its lr (now 0.1) or raise train.warmup (now 0.1)"),
+    (2, "lower its lr (now 0.1) (its snapshot cycles have no warm-up)"),  # warmup does nothing there
+])
+def test_divergence_advice_fits_the_schedule(snapshots, advice):
+    import torch
+
+    from ensemble.recipe import TrainConfig
+    from ensemble.train import DivergedError, _check_finite
+
+    with pytest.raises(DivergedError, match=re.escape(advice)):
+        _check_finite({"train_loss": float("nan"), "epoch": 1}, torch.zeros(1, 2), TrainConfig(snapshots=snapshots), "")
+
+
 def test_python_m_ensemble_names_the_commands():
     done = subprocess.run([sys.executable, "-m", "ensemble"], capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -41,7 +41,7 @@ folds = 2
 epochs = 4
 batch_size = 32
 lr = 0.05
-augment = []
+augment = ["flip"]
 [[backbones]]
 name = "timm:test_resnet"
 alias = "res"
@@ -210,6 +210,17 @@ def test_rgb_input_to_grayscale_run_and_tta(base, tmp_path, capsys, good_image):
     assert any(a["prob_0"] != b["prob_0"] for a, b in zip(plain, flipped))
 
 
+def test_tta_flip_is_refused_for_a_member_never_trained_on_mirrored_images(base, tmp_path, capsys, good_image):
+    run = Path(shutil.copytree(base["run"], tmp_path / "run"))
+    recipe = (run / "recipe.toml").read_text()
+    assert 'augment = ["flip"]' in recipe
+    (run / "recipe.toml").write_text(recipe.replace('augment = ["flip"]', "augment = []", 1))  # as trained on digits
+    out = tmp_path / "p.csv"
+    rc, _, err = call([run, good_image, "--out", out, "--quiet", "--tta", "flip", "--method", "mean"], capsys)
+    assert rc == 2 and "--tta flip: mean's member 'res' never trained on mirrored images (its augment is [])" in err
+    assert not out.exists()
+
+
 def test_members_lists_run(base, capsys):
     rc, out, _ = call([base["run"], "--members"], capsys)
     assert rc == 0
@@ -281,7 +292,7 @@ BAD_INPUTS = [
     ("non-image file", lambda d, g: _text_file(d), "not an image"),
     ("corrupt image", lambda d, g: _corrupt_png(d), "not a readable image"),
     ("truncated image", _truncated_png, "not a readable image"),
-    ("transparent RGBA image", _transparent_png, "has 4 channels (RGBA with transparent pixels)"),
+    ("transparent RGBA image", _transparent_png, "has transparent pixels (RGBA image): the colours under them are arbitrary"),
     ("corrupt tar.gz", lambda d, g: _corrupt_tar(d), "not a readable tar archive"),
     ("corrupt image inside a tar", _tar_with_bad_member, "not a readable image"),
 ]
@@ -513,7 +524,7 @@ def test_opaque_alpha_is_accepted_transparent_palette_refused(base, tmp_path, ca
     palette.info["transparency"] = 0
     palette.save(tmp_path / "keyed.png", transparency=0)
     rc, _, err = call([base["run"], opaque, tmp_path / "keyed.png", "--out", tmp_path / "p.csv", "--quiet"], capsys)
-    assert rc == 1 and "keyed.png: has 2 channels (P with transparent pixels)" in err
+    assert rc == 1 and "keyed.png: has transparent pixels (P image): the colours under them are arbitrary" in err
     assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [str(opaque)]
 
 

@@ -39,7 +39,10 @@ BAD_OVERRIDES = [
     (["train.snapshots=3"], "digits_5fold.toml: train.snapshots = 3 must divide epochs = 16"),
     (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
-    (["ensemble.meta_learner='svm'"], "cannot build combiner 'stacking'"),
+    (["ensemble.meta_learner='svm'"],
+     "ensemble.meta_learner must be one of logistic | random_forest | extra_trees | gradient_boosting | knn, got 'svm'"),
+    (["data.image_size=4"], "digits_5fold.toml: train.augment cannot be applied to 4x4 images: reflect padding of 4 "
+                            "pixels needs images larger than that; got 4x4"),
     (["ensemble.meta_params={C=-1.0}"], "The 'C' parameter of LogisticRegression must be a float in the range"),
     (["ensemble.meta_params={class_weight={cat=2.0}}"],  # refused by LogisticRegression.fit only
      "ensemble combiner 'stacking' cannot be fitted: The classes, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], are not in class_weight"),
@@ -123,6 +126,23 @@ def test_out_holding_another_run_is_refused(tmp_path, capsys):
     assert fit.main([str(DIGITS), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "holds the run 'cifar10_cpu', not 'digits_5fold'" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["recipe.toml"]
+
+
+def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
+    """fit removes an old run's metrics.json, report/ and combiners/: never a folder that holds no run."""
+    folder = tmp_path / "thesis"
+    (folder / "report").mkdir(parents=True)
+    (folder / "report" / "chapter1.txt").write_text("mine")
+    (folder / "metrics.json").write_text("{}")
+    assert fit.main([str(DIGITS), "--out", str(folder), "--quiet"]) == 2
+    assert f"--out {folder} is not empty (metrics.json, report) and holds no run" in capsys.readouterr().err
+    assert (folder / "report" / "chapter1.txt").read_text() == "mine" and (folder / "metrics.json").read_text() == "{}"
+
+
+def test_the_recipe_names_every_meta_learner_the_combiners_know():
+    from ensemble import combiners
+
+    assert recipe.META_LEARNERS == tuple(combiners.META_LEARNERS)
 
 
 def test_a_list_item_can_be_set_by_index():

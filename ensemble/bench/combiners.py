@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 
+from ensemble import store
 from ensemble.bench._args import check_at_least
 from ensemble.combiners import available, cross_val_proba, make_combiner
 
@@ -22,7 +23,7 @@ TARGET_S = 30.0
 
 def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
     """The parser (for the label check in :func:`main`) and the checked arguments."""
-    p = argparse.ArgumentParser(prog="python -m ensemble.bench combiners", description=__doc__)
+    p = argparse.ArgumentParser(prog="python -m ensemble.bench combiners", description=store.summary(__doc__))
     p.add_argument("--members", type=int, default=15, help="ensemble members (default 15)")
     p.add_argument("--rows", type=int, default=50_000, help="OOF rows (default 50000)")
     p.add_argument("--classes", type=int, default=10, help="classes (default 10)")
