@@ -123,7 +123,17 @@ class Dataset:
     fingerprint: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    test_fingerprint: str = ""
+    test_fingerprint: str = ""  # derived from `test` when not given
+
+    def __post_init__(self) -> None:
+        if self.test is not None and not self.test_fingerprint:
+            object.__setattr__(self, "test_fingerprint", fingerprint(self.test))
+
+    @property
+    def legacy_fingerprint(self) -> str:
+        """The fingerprint of training and test images together that keyed jobs before 2026-11
+        ("" without a test set, where it equals `fingerprint`)."""
+        return "" if self.test is None else fingerprint(self.train, self.test)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -174,8 +184,7 @@ def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
         train, test = hold_out(train, cfg.test_fraction, seed)
     train, test = _same_channels(train, test)
     mean, std = channel_stats(train.x)
-    return Dataset(train=train, test=test, fingerprint=fingerprint(train), mean=mean, std=std,
-                   test_fingerprint="" if test is None else fingerprint(test))
+    return Dataset(train=train, test=test, fingerprint=fingerprint(train), mean=mean, std=std)
 
 
 def _load_source(cfg, cache_dir: Path, progress: bool) -> tuple[Images, Images | None]:
@@ -256,10 +265,10 @@ def _to_rgb(images: Images) -> Images:
 # --------------------------------------------------------------------------- fingerprint and statistics
 
 
-def fingerprint(images: Images) -> str:
-    """A content hash (16 hex digits) of x, y and the class names."""
+def fingerprint(images: Images, *more: Images) -> str:
+    """A content hash (16 hex digits) of the class names and x, y of `images` (and of `more`)."""
     h = hashlib.sha256(json.dumps(list(images.classes)).encode())
-    for t in (images.x, images.y):
+    for t in (t for part in (images, *more) for t in (part.x, part.y)):
         a = np.ascontiguousarray(t.numpy())
         h.update(f"{a.dtype}{a.shape}".encode())
         h.update(memoryview(a).cast("B"))

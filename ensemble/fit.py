@@ -241,11 +241,13 @@ def predict_new_test(dataset, folds: np.ndarray, run_dir: Path, new_test: list) 
         return
     data = jobs_mod.SharedData.from_dataset(dataset, folds)
     t0 = time.perf_counter()
-    for job in new_test:
-        jobs_mod.predict_test(job, data, run_dir)
-    what = "predicted the new test images" if dataset.test is not None else "dropped the test logits"
-    print(f"test set changed: {what} of {len(new_test)} cached "
-          f"job{'s' if len(new_test) > 1 else ''}, without retraining ({time.perf_counter() - t0:.1f} s)", flush=True)
+    devices = sorted({jobs_mod.predict_test(job, data, run_dir) for job in new_test})
+    jobs = f"{len(new_test)} cached job{'s' if len(new_test) > 1 else ''}"
+    if dataset.test is None:
+        print(f"test set removed: dropped the test logits of {jobs}", flush=True)
+    else:
+        print(f"test set changed: predicted the new test images with the saved models of {jobs}, without "
+              f"retraining ({time.perf_counter() - t0:.1f} s on {', '.join(devices)})", flush=True)
 
 
 def run(args: argparse.Namespace) -> Path:
@@ -270,17 +272,22 @@ def run(args: argparse.Namespace) -> Path:
     print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
           f"({time.perf_counter() - t0:.1f} s)")
-    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint)
-    pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
-    new_test = [j for j in all_jobs if j not in pending and test_outdated(run_dir, j)]
+    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint, dataset.legacy_fingerprint)
+    legacy = [j for j in all_jobs if j.legacy_key and store.is_done(store.job_dir(run_dir, j.alias, j.fold),
+                                                                     j.legacy_key)]
+    pending = [j for j in all_jobs if j not in legacy and not store.is_done(store.job_dir(run_dir, j.alias, j.fold),
+                                                                            j.key)]
+    new_test = [j for j in all_jobs if j not in pending and j not in legacy and test_outdated(run_dir, j)]
     to_train = {j.alias for j in pending}
-    check_backbones(recipe, to_train, len(dataset.train.classes), int(dataset.train.x.shape[1]),
-                    int(dataset.train.x.shape[-1]))
+    check_backbones(recipe, to_train | {j.alias for j in new_test}, len(dataset.train.classes),
+                    int(dataset.train.x.shape[1]), int(dataset.train.x.shape[-1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
         check_devices(recipe, to_train)
     # connected before the run folder changes: an unreachable cluster is an error that writes nothing
     with jobs_mod.cluster(args.backend, args.scheduler, args.address) if pending else contextlib.nullcontext():
         invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: from here on the run folder changes
+        for job in legacy:  # same training and test images, under the key of before 2026-11: nothing to redo
+            store.adopt(store.job_dir(run_dir, job.alias, job.fold), job.key, job.test_key)
         write_run_files(run_dir, recipe, dataset, folds)
         print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
         train_members(recipe, dataset, folds, run_dir, pending, args)

@@ -28,7 +28,7 @@ import torch
 from . import backbones, store
 from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
 
-CACHE_VERSION = 2  # bump when what a cached job contains changes (2: keyed by the training images alone)
+CACHE_VERSION = 1  # bump when the training loop changes what a cached job contains
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,7 @@ class Job:
     key: str
     seed: int
     test_key: str = ""  # fingerprint of the test images its test logits are of ("" without a test set)
+    legacy_key: str = ""  # its key before 2026-11, when the test images were part of it ("" if the same)
 
 
 @dataclass(frozen=True)
@@ -89,17 +90,20 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "") -> list[Job]:
+def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "",
+         legacy_fingerprint: str = "") -> list[Job]:
     """Every (backbone, fold) job of the recipe, backbone-major; ``data_fingerprint`` is the
-    training images', ``test_fingerprint`` the test images' ("" without a test set)."""
+    training images', ``test_fingerprint`` the test images' ("" without a test set) and
+    ``legacy_fingerprint`` the one of both that keyed jobs before 2026-11 ("" without a test set)."""
     folds_fp = store.fingerprint(folds)
     jobs = []
     for b in recipe.backbones:
         shaping = _shaping(b)
         for k in range(recipe.cv.folds):
-            key = store.fingerprint(CACHE_VERSION, data_fingerprint, shaping, folds_fp, recipe.seed, k)
+            key, legacy = (store.fingerprint(CACHE_VERSION, fp, shaping, folds_fp, recipe.seed, k) if fp else ""
+                           for fp in (data_fingerprint, legacy_fingerprint))
             seed = int(store.fingerprint(recipe.seed, b.alias, k), 16) % 2**31
-            jobs.append(Job(b.alias, k, b, key, seed, test_fingerprint))
+            jobs.append(Job(b.alias, k, b, key, seed, test_fingerprint, legacy))
     return jobs
 
 
@@ -184,7 +188,6 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
     seconds = time.perf_counter() - t0
     meta = {
         "key": job.key,
-        "test_key": job.test_key,
         "alias": job.alias,
         "fold": job.fold,
         "seed": job.seed,
@@ -196,27 +199,24 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
         "pid": os.getpid(),
         "versions": versions(),
     }
-    store.write_job(store.job_dir(run_dir, job.alias, job.fold), output, meta)
+    store.write_job(store.job_dir(run_dir, job.alias, job.fold), output, meta, job.test_key)
     last = output.history["epochs"][-1]
     return {"alias": job.alias, "fold": job.fold, "val_acc": last["val_acc"], "seconds": seconds, "device": str(dev)}
 
 
-def predict_test(job: Job, data: SharedData, run_dir: Path) -> None:
+def predict_test(job: Job, data: SharedData, run_dir: Path) -> str:
     """Give a finished job the test logits of the run's current test images, predicted by its saved
     models (snapshots first, final weights last, as training kept them): the test set changed, the
-    weights did not. Inference runs where the job trained, or on the CPU where that device is missing."""
+    weights did not. Inference runs in this process, on the device the job trained on, or on the CPU
+    where this machine lacks it (a Dask or Ray head node); returns that device."""
     from .predict import load_model
     from .train import infer, resolve_device, use_channels_last
 
     directory = store.job_dir(run_dir, job.alias, job.fold)
     if data.x_test is None:
         store.write_test_logits(directory, None, job.test_key)
-        return
+        return "-"
     hint = store.retrain_hint(run_dir, directory)
-    try:
-        n_models = store.read_npy(directory / "oof_logits.npy").shape[0]
-    except store.RunError as exc:
-        raise store.RunError(f"{exc}; {hint}") from None
     try:
         device = resolve_device(job.backbone.train.device)
     except ValueError:
@@ -224,11 +224,12 @@ def predict_test(job: Job, data: SharedData, run_dir: Path) -> None:
     channels_last = use_channels_last(job.backbone.train, device)
     x_test = torch.from_numpy(np.array(data.x_test))  # a writable copy
     logits = []
-    for name in [f"snapshot{i}.safetensors" for i in range(n_models - 1)] + ["weights.safetensors"]:
+    for name in store.weight_files(job.backbone.train.snapshots or 1):
         model = load_model(job.backbone, data.n_classes, x_test.shape[1], directory / name, device, channels_last,
                            hint)
         logits.append(infer(model, x_test, data.mean, data.std, device, channels_last=channels_last).numpy())
     store.write_test_logits(directory, np.stack(logits), job.test_key)
+    return str(device)
 
 
 @contextlib.contextmanager

@@ -197,7 +197,7 @@ def resolve_member(run: Run, name: str) -> Member:
             f"(members: {', '.join(all_members(run))}); the file is damaged: re-run fit on this run"
         )
     i = int(snap) if sep else n_snapshots
-    return Member(name, b, "weights.safetensors" if i == n_snapshots else f"snapshot{i - 1}.safetensors")
+    return Member(name, b, store.weight_files(n_snapshots)[i - 1])
 
 
 def load_method(run: Run, method: str | None) -> tuple[str, comb.Combiner, list[Member]]:
@@ -292,7 +292,8 @@ def load_model(b: BackboneConfig, n_classes: int, channels: int, path: Path, dev
         model = backbones.create(b.name, num_classes=n_classes, in_chans=channels, stem=b.stem, pretrained="",
                                  model_args=b.model_args)
     except Exception as exc:  # noqa: BLE001 - timm/torchvision raise many types for a bad name/args
-        raise RunError(f"{path}: cannot build backbone {b.name!r} for these weights ({exc})") from None
+        raise RunError(f"cannot build backbone {b.name!r} to load {path} ({exc}); is the timm or torchvision "
+                       "it was trained with installed?") from None
     bad = next((k for k, t in state.items() if t.is_floating_point() and not torch.isfinite(t).all()), None)
     if bad is not None:
         raise RunError(f"{path}: tensor {bad!r} holds NaN or inf; {hint}")

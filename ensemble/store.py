@@ -10,7 +10,9 @@ Layout (see README, "Run folder")::
 
 Every file is written to a temporary name and renamed into place, and a job's
 ``done.json`` is written last: a job is either complete or absent, whenever the
-process is killed.
+process is killed. ``done.json`` also names the test images the job's test logits
+are of; while they are replaced (the test set changed) it names none, and
+:func:`load_logits` refuses test logits of another test set than the run's.
 """
 
 from __future__ import annotations
@@ -176,8 +178,15 @@ def write_test_logits(directory: Path, test_logits: np.ndarray | None, test_key:
     write_json(directory / "done.json", done | {"test": test_key})
 
 
-def write_job(directory: Path, output, meta: dict) -> None:
-    """Write one job's files atomically; ``done.json`` goes last."""
+def weight_files(n_models: int) -> list[str]:
+    """The weights files of a job that kept ``n_models`` models, in training order: its
+    snapshots, then its final weights."""
+    return [f"snapshot{i}.safetensors" for i in range(n_models - 1)] + ["weights.safetensors"]
+
+
+def write_job(directory: Path, output, meta: dict, test_key: str) -> None:
+    """Write one job's files atomically; ``done.json`` goes last, naming the job's ``meta["key"]``
+    and ``test_key``, the fingerprint of the test images its test logits are of ("" for none)."""
     from safetensors.torch import save
 
     directory = Path(directory)
@@ -185,13 +194,19 @@ def write_job(directory: Path, output, meta: dict) -> None:
     write_npy(directory / "oof_logits.npy", output.oof_logits)
     if output.test_logits is not None:
         write_npy(directory / "test_logits.npy", output.test_logits)
+    else:
+        (directory / "test_logits.npy").unlink(missing_ok=True)  # of an earlier run's test set
     write_json(directory / "history.json", output.history)
-    *snapshots, final = output.states
-    for i, state in enumerate(snapshots):
-        atomic_write(directory / f"snapshot{i}.safetensors", lambda f, s=state: f.write(save(s)))
-    atomic_write(directory / "weights.safetensors", lambda f: f.write(save(final)))
+    for name, state in zip(weight_files(len(output.states)), output.states):
+        atomic_write(directory / name, lambda f, s=state: f.write(save(s)))
     write_json(directory / "meta.json", meta)
-    write_json(directory / "done.json", {"key": meta["key"], "test": meta["test_key"]})
+    write_json(directory / "done.json", {"key": meta["key"], "test": test_key})
+
+
+def adopt(directory: Path, key: str, test_key: str) -> None:
+    """Mark a finished job, written under an older key that covered the same training and test
+    images, as done under ``key``: nothing in it changes."""
+    write_json(Path(directory) / "done.json", {"key": key, "test": test_key})
 
 
 # --------------------------------------------------------------------------- reading logits back
@@ -224,6 +239,7 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
     y = read_npy(run_dir / "labels.npy")
     test_path = run_dir / "test_labels.npy"
     y_test = read_npy(test_path) if with_test and test_path.exists() else None
+    test_key = read_json(run_dir / "data.json").get("test_fingerprint") if y_test is not None else None
     k = int(folds.max()) + 1
     names, oof, test = [], [], []
     for alias in aliases:
@@ -232,6 +248,9 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             d = job_dir(run_dir, alias, fold)
             if not (d / "done.json").exists():
                 raise RunError(f"{d}: job not finished; complete the run with `{fit_command(run_dir)}`")
+            if y_test is not None and test_key is not None and test_key_of(d) != test_key:  # None: before 2026-11
+                raise RunError(f"{d}: its test logits are not of the run's test images; complete the run with "
+                               f"`{fit_command(run_dir)}`")
             try:
                 fold_oof.append(read_npy(d / "oof_logits.npy"))
                 if y_test is not None:

@@ -14,7 +14,8 @@ from sklearn.datasets import load_digits
 
 from ensemble import fit, predict
 from ensemble.bench import unseen
-from ensemble.data import Images, keep_per_class
+from ensemble.data import Images, keep_per_class, load_dataset
+from ensemble.recipe import load as load_recipe
 from ensemble.store import read_json
 
 PER_CLASS, EXTRA = 20, 10  # the run keeps 20 images of each class; 10 more of each are unseen
@@ -105,14 +106,18 @@ def test_refuses_images_that_are_not_the_runs(finished, tmp_path, capsys):
     assert "are not the ones the run used" in capsys.readouterr().err
 
 
-def test_a_run_of_an_older_version_is_told_to_rerun_fit(finished, tmp_path, capsys):
+def test_a_run_from_before_the_test_set_left_the_fingerprint_is_scored(finished, tmp_path, capsys):
+    """Runs written before 2026-11 record one fingerprint of training and test images together."""
     run = Path(shutil.copytree(finished["run"], tmp_path / "run"))
     info = read_json(run / "data.json")
-    del info["test_fingerprint"]  # before 2026-11: one fingerprint of training and test images
+    recipe = load_recipe(run / "recipe.toml")
+    used = load_dataset(recipe.data, finished["cache"], recipe.seed, progress=False)
+    assert info["fingerprint"] == used.fingerprint != used.legacy_fingerprint
+    info["fingerprint"] = used.legacy_fingerprint
+    del info["test_fingerprint"]
     (run / "data.json").write_text(json.dumps(info))
-    assert unseen.main([str(run), "--cache", str(finished["cache"])]) == 2
-    err = capsys.readouterr().err
-    assert "written by an older ensemble" in err and "(it retrains the run)" in err
+    rc = unseen.main([str(run), "--images-per-class", "5", "--cache", str(finished["cache"])])
+    assert rc == 0 and "on 15 unseen images the best combiner" in capsys.readouterr().out
 
 
 def test_refuses_a_run_without_a_per_class_subset(finished, tmp_path, capsys):

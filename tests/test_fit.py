@@ -73,7 +73,8 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
     before = job_pids(run)
     capsys.readouterr()
     assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
-    assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 jobs, 6 cached, 0 to train" in out and "test set" not in out
     assert job_pids(run) == before
 
     # A refit stopped before its jobs finish leaves no old result that looks current: the jobs it
@@ -155,7 +156,7 @@ def test_sigkill_twice_then_resume_equals_uninterrupted_run(tiny_recipe, tmp_pat
     rng = np.random.default_rng()  # random moments: a different interleaving every run
     finished: dict[str, int] = {}
     for n_done in (1, 3):
-        _kill_after_jobs(tiny_recipe, killed, session_cache, extra, n_done, rng.uniform(0, per_job / 2))
+        _kill_after_jobs(tiny_recipe, killed, session_cache, extra, n_done, rng.uniform(0, per_job))
         now = job_pids(killed)
         assert {k: now[k] for k in finished} == finished, "a finished job was trained again"
         finished = now
@@ -400,38 +401,91 @@ def test_a_damaged_cached_logits_file_names_the_job_to_retrain(tmp_path, capsys,
     assert err.startswith("error: ") and err.count("\n") == 1 and "to retrain that job" in err
 
 
-def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tmp_path, session_cache, capsys):
-    """The test images shape no weights: a changed test set keeps every job and gives it the test
-    logits a fresh run would have (snapshots included); dropping the test set drops them."""
+def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tmp_path, session_cache, capsys,
+                                                                               monkeypatch):
+    """The test images shape no weights: a test set added or changed keeps every job and gives it the
+    test logits a fresh run would have (snapshots included); dropping the test set drops them."""
     train, test = digit_tree(tmp_path / "imgs"), digit_tree(tmp_path / "test", n=20, start=40)
     (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(train))))
-    sets = ["--set", f"data.test_path={json.dumps(str(test))}", "--set", "train.epochs=2",
-            "--set", "backbones=[{name='timm:test_resnet', snapshots=2}]"]
+    sets = ["--set", "train.epochs=2", "--set", "backbones=[{name='timm:test_resnet', snapshots=2}]"]
+    with_test = [*sets, "--set", f"data.test_path={json.dumps(str(test))}"]
     run = tmp_path / "run"
-    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0  # no test set
     trained = job_pids(run)
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
+    assert "test set changed: predicted the new test images with the saved models of 2 cached jobs, without " \
+           "retraining" in capsys.readouterr().out
+    assert np.load(run / "members/test_resnet/fold0/test_logits.npy").shape == (2, 20, 2)  # both snapshots
+
+    # Killed while predicting: no result that looks current is left, and the next run predicts again.
+    def killed(*args):
+        raise KeyboardInterrupt
+
     digit_tree(test, n=1, start=60)  # one more test image
+    monkeypatch.setattr(fit.jobs_mod, "predict_test", killed)
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 130
+    monkeypatch.undo()
+    assert not (run / "metrics.json").exists() and not (run / "combiners" / "index.json").exists()
     capsys.readouterr()
-    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
     out = capsys.readouterr().out
-    assert "rel: 2 jobs, 2 cached, 0 to train" in out
-    assert "test set changed: predicted the new test images of 2 cached jobs, without retraining" in out
-    assert job_pids(run) == trained
-    assert len(np.load(run / "test_labels.npy")) == 21
+    assert "rel: 2 jobs, 2 cached, 0 to train" in out and "test set changed: predicted" in out
+    assert job_pids(run) == trained and len(np.load(run / "test_labels.npy")) == 21
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
+    assert "test set" not in capsys.readouterr().out  # an unchanged rerun predicts nothing again
 
     fresh = tmp_path / "fresh"
-    assert fit.main(fit_args(tmp_path / "r.toml", fresh, session_cache, *sets)) == 0
-    for k in (0, 1):
-        got = np.load(run / f"members/test_resnet/fold{k}/test_logits.npy")
-        assert got.shape == (2, 21, 2)  # both snapshots
-        np.testing.assert_allclose(got, np.load(fresh / f"members/test_resnet/fold{k}/test_logits.npy"), atol=1e-5)
+    assert fit.main(fit_args(tmp_path / "r.toml", fresh, session_cache, *with_test)) == 0
+    for path in sorted(fresh.glob("members/*/fold*/*_logits.npy")):
+        assert np.load(path).tobytes() == np.load(run / path.relative_to(fresh)).tobytes(), path
     assert json.loads((run / "metrics.json").read_text()) == json.loads((fresh / "metrics.json").read_text())
 
     capsys.readouterr()
-    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets, "--set", "data.test_path=''")) == 0
-    assert "test set changed: dropped the test logits of 2 cached jobs" in capsys.readouterr().out
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0
+    assert "test set removed: dropped the test logits of 2 cached jobs" in capsys.readouterr().out
     assert job_pids(run) == trained and not list(run.glob("members/*/fold*/test_logits.npy"))
     assert all(set(m) == {"oof"} for m in json.loads((run / "metrics.json").read_text())["members"].values())
+
+
+def test_a_run_keyed_before_the_test_images_left_the_key_is_reused(tiny_recipe, tmp_path, session_cache, capsys):
+    """Jobs finished before 2026-11 were keyed by one fingerprint of training and test images
+    together; with the same images they are reused as they are, test logits included."""
+    import hashlib
+
+    from ensemble import jobs
+    from ensemble import recipe as recipe_mod
+
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
+    r = recipe_mod.with_absolute_paths(recipe_mod.load(tiny_recipe))
+    ds = data_mod.load_dataset(r.data, session_cache, r.seed, progress=False)
+    h = hashlib.sha256(json.dumps(list(ds.train.classes)).encode())  # the fingerprint as it was written then
+    for t in (ds.train.x, ds.train.y, ds.test.x, ds.test.y):
+        a = np.ascontiguousarray(t.numpy())
+        h.update(f"{a.dtype}{a.shape}".encode())
+        h.update(memoryview(a).cast("B"))
+    assert ds.legacy_fingerprint == h.hexdigest()[:16]
+    for job in jobs.plan(r, h.hexdigest()[:16], np.load(run / "folds.npy")):  # the keys as they were then
+        (run / f"members/{job.alias}/fold{job.fold}/done.json").write_text(json.dumps({"key": job.key}))
+    trained, before = job_pids(run), json.loads((run / "metrics.json").read_text())
+    capsys.readouterr()
+    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
+    out = capsys.readouterr().out
+    assert "6 jobs, 6 cached, 0 to train" in out and "test set" not in out
+    assert job_pids(run) == trained and json.loads((run / "metrics.json").read_text()) == before
+    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0  # now under today's keys
+    assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
+
+
+def test_test_logits_of_another_test_set_are_refused(tiny_recipe, tmp_path, session_cache):
+    """A job rewritten for another test set (a worker of a killed run finishing late) is not scored."""
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
+    folder = run / "members/test_resnet/fold1"
+    (folder / "done.json").write_text(json.dumps(json.loads((folder / "done.json").read_text()) | {"test": "other"}))
+    with pytest.raises(store.RunError, match="fold1: its test logits are not of the run's test images; complete"):
+        store.load_logits(run, ["test_resnet"])
+    assert store.load_logits(run, ["test_resnet"], with_test=False).test is None
 
 
 def test_replacing_test_logits_names_no_test_set_until_they_are_written(tmp_path, monkeypatch):

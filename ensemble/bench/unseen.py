@@ -78,12 +78,8 @@ def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int)
         used = data.select(source, source_test, cfg, seed)
     except data.DataError as exc:
         raise RunError(str(exc)) from None
-    info = store.read_json(run.dir / "data.json")
-    recorded = info.get("fingerprint")
-    if "test_fingerprint" not in info:
-        raise RunError(f"{run.dir}: written by an older ensemble, whose data fingerprint also covered the test "
-                       f"images; run `{store.fit_command(run.dir)}` (it retrains the run) and try again")
-    if used.fingerprint != recorded:
+    recorded = store.read_json(run.dir / "data.json").get("fingerprint")
+    if recorded not in (used.fingerprint, used.legacy_fingerprint or None):  # legacy: a run from before 2026-11
         raise RunError(
             f"{cfg.path}: the images it gives for this recipe (fingerprint {used.fingerprint}) are not the "
             f"ones the run used ({recorded}, data.json); give the run's own folder or archive with --path"
