@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import os
 import shutil
 import sys
@@ -254,17 +255,29 @@ def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
     from .data import DataError, load_dataset, notes_printed
 
-    recipe = recipe_mod.with_absolute_paths(recipe_mod.load(args.recipe, args.set))
+    recipe = recipe_mod.load(args.recipe, args.set)
+    try:
+        recipe_mod.check_paths(recipe)  # before the paths are made absolute: its message names the folder
+        missing = None
+    except RecipeError as exc:
+        missing = exc
+    recipe = recipe_mod.with_absolute_paths(recipe)
     recipe_mod.check_names(recipe)
     build_combiners(recipe)  # a bad [ensemble] section fails now, not after training
     run_dir = args.out or Path("outputs") / recipe.name
     previous = check_out(run_dir, recipe)
     t0 = time.perf_counter()
+    if missing is not None:
+        if refit_combiners_only(recipe, run_dir, previous, args, t0, str(missing).split(": ", 1)[-1]):
+            return run_dir
+        raise missing
     try:
         with notes_printed():
             dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
                                    progress=not args.quiet)
     except DataError as exc:
+        if refit_combiners_only(recipe, run_dir, previous, args, t0, str(exc)):
+            return run_dir
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
@@ -295,6 +308,38 @@ def run(args: argparse.Namespace) -> Path:
     combine_and_report(recipe, run_dir, args)
     print(f"done in {time.perf_counter() - t0:.1f} s: {run_dir}")
     return run_dir
+
+
+def refit_combiners_only(recipe: Recipe, run_dir: Path, previous: str | None, args: argparse.Namespace,
+                         t0: float, why: str) -> bool:
+    """Refit the combiners of a finished run whose images are gone (a run folder copied to a laptop,
+    a dataset on a disk no longer mounted) when the recipe changed in ``[ensemble]`` only: the cached
+    logits, labels and folds are all they need. False (nothing done) in every other case."""
+    if previous is None:
+        return False
+    try:
+        old = recipe_mod.from_dict(recipe_mod.tomllib.loads(previous))
+    except (ValueError, RecipeError):
+        return False
+    if recipe_mod.dumps(dataclasses.replace(recipe, ensemble=old.ensemble)) != previous:
+        return False  # more than [ensemble] changed: the images are needed
+    try:
+        info = store.read_json(run_dir / "data.json")
+        folds = store.read_npy(run_dir / "folds.npy")
+    except store.RunError:
+        return False
+    planned = jobs_mod.plan(recipe, info.get("fingerprint", ""), folds, info.get("test_fingerprint", ""))
+    if not all(store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key) for j in planned):
+        return False
+    print(f"note: the images cannot be loaded ({why}), but only [ensemble] changed and every job is finished: "
+          "refitting the combiners on the cached logits", file=sys.stderr)
+    check_fits(recipe, len(info["classes"]), len(folds) - int(np.bincount(folds).max()))
+    invalidate(run_dir, recipe, previous, [], [])
+    store.write_text(run_dir / "recipe.toml", recipe_mod.dumps(recipe))
+    print(f"{recipe.name}: {len(planned)} jobs, {len(planned)} cached, 0 to train")
+    combine_and_report(recipe, run_dir, args)
+    print(f"done in {time.perf_counter() - t0:.1f} s: {run_dir}")
+    return True
 
 
 def combine_and_report(recipe: Recipe, run_dir: Path, args: argparse.Namespace) -> None:

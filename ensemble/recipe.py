@@ -254,11 +254,6 @@ def _check_cross_fields(r: Recipe, where: str) -> None:
     if r.data.source != "folder" and r.data.path:
         raise RecipeError(f"{where}: data.path is read only when data.source = 'folder' (source is "
                           f"{r.data.source!r}); add data.source = 'folder' to train on {r.data.path!r}")
-    for key in ("path", "test_path"):
-        value = getattr(r.data, key)
-        if value and not Path(value).exists():
-            here = "" if Path(value).is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
-            raise RecipeError(f"{where}: data.{key} does not exist: {value!r}{here}")
     if r.ensemble.members == "snapshots" and not any(b.train.snapshots for b in r.backbones):
         raise RecipeError(f"{where}: ensemble.members = 'snapshots' needs a backbone with train.snapshots >= 2")
 
@@ -334,6 +329,16 @@ def load(path: str | Path, overrides: typing.Iterable[str] = ()) -> Recipe:
         apply_override(table, *parse_override(text))
     recipe = from_dict(table, where)
     return dataclasses.replace(recipe, source_file=str(path))
+
+
+def check_paths(recipe: Recipe) -> None:
+    """RecipeError when ``data.path`` or ``data.test_path`` does not exist (checked apart from the
+    other rules: a finished run's combiners can be refitted without its images)."""
+    for key in ("path", "test_path"):
+        value = getattr(recipe.data, key)
+        if value and not Path(value).exists():
+            here = "" if Path(value).is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
+            raise recipe.error(f"data.{key}", f"does not exist: {value!r}{here}")
 
 
 def with_absolute_paths(recipe: Recipe) -> Recipe:

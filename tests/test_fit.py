@@ -505,3 +505,26 @@ def test_replacing_test_logits_names_no_test_set_until_they_are_written(tmp_path
     monkeypatch.undo()
     store.write_test_logits(folder, np.ones((1, 3, 2), np.float32), "new")
     assert store.test_key_of(folder) == "new" and np.load(folder / "test_logits.npy").sum() == 6
+
+
+def test_combiners_are_refitted_without_the_images_when_only_ensemble_changed(tmp_path, session_cache, capsys):
+    """A finished run folder whose images are gone (copied to a laptop) still refits its combiners:
+    the cached logits, labels and folds are all they need. Anything else needs the images."""
+    tree = digit_tree(tmp_path / "imgs")
+    (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(tree))))
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    trained = job_pids(run)
+    tree.rename(tmp_path / "moved")
+    capsys.readouterr()
+    both = ["--set", "ensemble.combiners=['mean','weighted']"]
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *both)) == 0
+    out, err = capsys.readouterr()
+    assert "note: the images cannot be loaded (" in err and "refitting the combiners on the cached logits" in err
+    assert "rel: 2 jobs, 2 cached, 0 to train" in out and job_pids(run) == trained
+    assert set(json.loads((run / "metrics.json").read_text())["combiners"]) == {"mean", "weighted"}
+    assert "'mean', 'weighted'" in (run / "recipe.toml").read_text().replace('"', "'")
+
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *both, "--set", "train.lr=0.05")) == 2
+    assert f"error: r.toml: data.path does not exist: '{tree}'" in capsys.readouterr().err
+    assert set(json.loads((run / "metrics.json").read_text())["combiners"]) == {"mean", "weighted"}  # untouched

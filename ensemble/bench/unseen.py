@@ -29,7 +29,7 @@ from ensemble import data, metrics, predict, store
 from ensemble.bench._args import check_at_least
 from ensemble.evaluate import rank
 from ensemble.fit import default_cache_dir
-from ensemble.recipe import RecipeError, load
+from ensemble.recipe import RecipeError, check_paths, load
 from ensemble.store import RunError
 
 
@@ -58,6 +58,7 @@ def data_config(run: predict.Run, path: str | None):
     """The run's [data] section (predict ignores it) and seed; the data must be a per_class subset of a folder."""
     try:  # --path replaces data.path before the recipe is checked: the old path may be gone
         recipe = load(run.dir / "recipe.toml", [f"data.path={json.dumps(path)}"] if path else [])
+        check_paths(recipe)
     except (OSError, RecipeError) as exc:
         hint = "" if path else "; give the run's images with --path"
         raise RunError(f"{run.dir}: {exc}{hint}") from None
