@@ -97,7 +97,7 @@ def check_class_counts(recipe: Recipe, y: np.ndarray, classes) -> None:
         )
 
 
-def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -> None:
+def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray, cache: Path | None = None) -> None:
     train, test = dataset.train, dataset.test
     store.write_text(run_dir / "recipe.toml", recipe_mod.dumps(recipe))
     store.write_json(run_dir / "data.json", {
@@ -111,6 +111,7 @@ def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray) -
         "test_fingerprint": dataset.test_fingerprint,
         "mean": list(dataset.mean),
         "std": list(dataset.std),
+        "cache": None if cache is None else str(Path(cache).resolve()),  # given with --cache: hints repeat it
     })
     store.write_npy(run_dir / "labels.npy", train.y.numpy().astype(np.int64))
     if test is not None:
@@ -301,7 +302,7 @@ def run(args: argparse.Namespace) -> Path:
         invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: from here on the run folder changes
         for job in legacy:  # same training and test images, under the key of before 2026-11: nothing to redo
             store.adopt(store.job_dir(run_dir, job.alias, job.fold), job.key, job.test_key)
-        write_run_files(run_dir, recipe, dataset, folds)
+        write_run_files(run_dir, recipe, dataset, folds, args.cache)
         print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
         train_members(recipe, dataset, folds, run_dir, pending, args)
     predict_new_test(dataset, folds, run_dir, new_test)

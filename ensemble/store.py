@@ -81,8 +81,14 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 
 def fit_command(run_dir: Path) -> str:
-    """The command that completes (or rewrites) the run in ``run_dir``; cached jobs are reused."""
-    return f"python -m ensemble.fit {shlex.quote(str(Path(run_dir) / 'recipe.toml'))} --out {shlex.quote(str(run_dir))}"
+    """The command that completes (or rewrites) the run in ``run_dir``; cached jobs are reused, and
+    so is the decoded-image cache that fit was given with ``--cache`` (recorded in data.json)."""
+    command = f"python -m ensemble.fit {shlex.quote(str(Path(run_dir) / 'recipe.toml'))} --out {shlex.quote(str(run_dir))}"
+    try:
+        cache = json.loads((Path(run_dir) / "data.json").read_text()).get("cache")
+    except (OSError, ValueError, AttributeError):
+        cache = None
+    return f"{command} --cache {shlex.quote(cache)}" if isinstance(cache, str) and cache else command
 
 
 def retrain_hint(run_dir: Path, job_folder: Path) -> str:

@@ -62,6 +62,8 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
     metrics = json.loads((run / "metrics.json").read_text())
     assert set(metrics["combiners"]) == {"vote", "mean", "weighted", "stacking"}
     assert all({"oof", "test"} == set(m) for m in metrics["combiners"].values())
+    # The command that errors and hints give to complete the run repeats fit's --cache.
+    assert store.fit_command(run) == f"python -m ensemble.fit {run / 'recipe.toml'} --out {run} --cache {session_cache}"
     resolved = (run / "recipe.toml").read_text()
     assert 'name = "timm:test_efficientnet"' in resolved and "epochs = 2" in resolved
     umask = os.umask(0o022)
