@@ -9,9 +9,15 @@ follows starts a line of its own instead of landing on the bar's.
 from __future__ import annotations
 
 import sys
+import threading
 
 from tqdm import autonotebook, std
 from tqdm.auto import tqdm
+
+# tqdm's default write lock holds a multiprocessing RLock: a semaphore in every process, which a
+# job's worker leaks when Ctrl-C stops it ("There appear to be N leaked semaphore objects"). Loky
+# starts its workers afresh, so no two processes share that lock anyway: a thread lock does as well.
+std.tqdm.set_lock(threading.RLock())
 
 
 def is_terminal(stream=None) -> bool:

@@ -220,6 +220,34 @@ def test_a_killed_fit_leaves_no_worker_training_on(tiny_recipe, tmp_path, sessio
     assert not alive, f"workers {alive} outlived the killed fit"
 
 
+@pytest.mark.skipif(not hasattr(os, "killpg"), reason="sends SIGINT to a process group, as Ctrl-C does")
+def test_ctrl_c_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, session_cache):
+    """Ctrl-C reaches fit and its workers (one process group): one line, no traceback, no warnings
+    of leaked semaphores (tqdm's multiprocessing lock in each worker leaked them), no worker left."""
+    args = [a for a in fit_args(tiny_recipe, tmp_path / "run", session_cache) if a != "--quiet"]
+    proc = subprocess.Popen([sys.executable, "-m", "ensemble.fit", *args, "--jobs", "2", "--set", "train.epochs=400"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    log = bytearray()
+    reader = threading.Thread(target=lambda: [log.extend(b) for b in iter(lambda: proc.stderr.read1(4096), b"")])
+    reader.start()
+    deadline = time.monotonic() + 120
+    while len(set(re.findall(rb"(\w+ fold\d):", bytes(log)))) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)  # both workers are training
+    workers = _loky_workers_of(proc.pid)
+    assert len(workers) == 2, bytes(log).decode(errors="replace")
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=60) == 130
+    reader.join(timeout=30)
+    lines = [line for line in bytes(log).decode(errors="replace").replace("\r", "\n").splitlines()
+             if line.strip() and " fold" not in line]  # the progress bars aside
+    assert lines == ["interrupted: finished jobs are kept; run the same command again to resume"], lines
+    deadline = time.monotonic() + 10
+    while (alive := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"workers {alive} outlived the interrupted fit"
+
+
 def test_trains_on_real_cifar10_images(cifar_archive, tiny_recipe, tmp_path, session_cache):
     run = tmp_path / "cifar"
     args = [
