@@ -277,8 +277,6 @@ def run(args: argparse.Namespace) -> Path:
             dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
                                    progress=not args.quiet)
     except DataError as exc:
-        if refit_combiners_only(recipe, run_dir, previous, args, t0, str(exc)):
-            return run_dir
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
@@ -311,29 +309,40 @@ def run(args: argparse.Namespace) -> Path:
     return run_dir
 
 
+def _what_training_saw(recipe: Recipe) -> Recipe:
+    """The recipe without what never shapes a trained job: [ensemble], the speed-only train keys
+    and the file it was read from."""
+    def steady(t):
+        return dataclasses.replace(t, **{k: getattr(recipe_mod.TrainConfig(), k) for k in recipe_mod.PERFORMANCE_KEYS})
+
+    return dataclasses.replace(recipe, ensemble=recipe_mod.EnsembleConfig(), source_file="", train=steady(recipe.train),
+                               backbones=tuple(dataclasses.replace(b, train=steady(b.train)) for b in recipe.backbones))
+
+
 def refit_combiners_only(recipe: Recipe, run_dir: Path, previous: str | None, args: argparse.Namespace,
                          t0: float, why: str) -> bool:
     """Refit the combiners of a finished run whose images are gone (a run folder copied to a laptop,
-    a dataset on a disk no longer mounted) when the recipe changed in ``[ensemble]`` only: the cached
-    logits, labels and folds are all they need. False (nothing done) in every other case."""
+    a dataset on a disk no longer mounted) when nothing but ``[ensemble]`` (or a speed-only key)
+    changed: the cached logits, labels and folds are all they need. False, with nothing written,
+    in every other case."""
     if previous is None:
         return False
     try:
         old = recipe_mod.from_dict(recipe_mod.tomllib.loads(previous))
-    except (ValueError, RecipeError):
-        return False
-    if recipe_mod.dumps(dataclasses.replace(recipe, ensemble=old.ensemble)) != previous:
-        return False  # more than [ensemble] changed: the images are needed
-    try:
         info = store.read_json(run_dir / "data.json")
         folds = store.read_npy(run_dir / "folds.npy")
-    except store.RunError:
+    except (ValueError, RecipeError, store.RunError):
+        return False
+    if _what_training_saw(recipe) != _what_training_saw(old):
+        return False  # the images are needed
+    if not isinstance(info, dict) or not isinstance(info.get("classes"), list) or folds.ndim != 1 or not len(folds):
         return False
     planned = jobs_mod.plan(recipe, info.get("fingerprint", ""), folds, info.get("test_fingerprint", ""))
-    if not all(store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key) for j in planned):
+    if not all(store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key) and not test_outdated(run_dir, j)
+               for j in planned):
         return False
-    print(f"note: the images cannot be loaded ({why}), but only [ensemble] changed and every job is finished: "
-          "refitting the combiners on the cached logits", file=sys.stderr)
+    print(f"note: the images cannot be loaded ({why}), but the run's jobs are all finished and only [ensemble] "
+          "may have changed: refitting the combiners on the cached logits", file=sys.stderr)
     check_fits(recipe, len(info["classes"]), len(folds) - int(np.bincount(folds).max()))
     invalidate(run_dir, recipe, previous, [], [])
     store.write_text(run_dir / "recipe.toml", recipe_mod.dumps(recipe))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from . import backbones, store
+from . import progress as progress_mod
 from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
 
 CACHE_VERSION = 1  # bump when the training loop changes what a cached job contains
@@ -316,7 +317,9 @@ def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, pr
 def _run_local_job(fit_pid: int, job: Job, data: SharedData, run_dir: Path, threads: int, progress: bool,
                    gpu_slots: int) -> dict:
     """:func:`run_job` in a local worker process that exits as soon as the fit process is gone."""
-    _exit_with(fit_pid)
+    if fit_pid != os.getpid():  # a worker (with --jobs 1 joblib runs the job in fit's own process)
+        _exit_with(fit_pid)
+        progress_mod.use_thread_lock()
     return run_job(job, data, run_dir, threads, progress, gpu_slots=gpu_slots)
 
 

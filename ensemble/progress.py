@@ -14,10 +14,6 @@ import threading
 from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
-# tqdm's default write lock holds a multiprocessing RLock: a semaphore in every process, which a
-# job's worker leaks when Ctrl-C stops it ("There appear to be N leaked semaphore objects"). Loky
-# starts its workers afresh, so no two processes share that lock anyway: a thread lock does as well.
-std.tqdm.set_lock(threading.RLock())
 
 
 def is_terminal(stream=None) -> bool:
@@ -43,3 +39,12 @@ def bar(iterable=None, *, progress: bool = True, **kwargs) -> tqdm:
     seconds = _interval(live)  # tqdm's monitor redraws after `maxinterval` (10 s) unless it is raised too
     return tqdm(iterable, disable=not progress, leave=not live, mininterval=seconds,
                 maxinterval=max(seconds, 10.0), **kwargs)
+
+
+def use_thread_lock() -> None:
+    """In a job's worker process: bars take a thread lock instead of tqdm's default, which holds a
+    multiprocessing RLock, a semaphore that the worker leaks when Ctrl-C stops it ("There appear to
+    be N leaked semaphore objects"). Loky starts its workers afresh, so none shares that lock anyway.
+    Not done on import: tqdm's own ``process_map`` hands the lock to spawned processes, and a
+    thread lock cannot be pickled."""
+    std.tqdm.set_lock(threading.RLock())

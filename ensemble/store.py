@@ -82,13 +82,15 @@ def write_npy(path: Path, array: np.ndarray) -> None:
 
 def fit_command(run_dir: Path) -> str:
     """The command that completes (or rewrites) the run in ``run_dir``; cached jobs are reused, and
-    so is the decoded-image cache that fit was given with ``--cache`` (recorded in data.json)."""
+    so is the decoded-image cache that fit was given with ``--cache`` (recorded in data.json) where
+    that folder is there and writable (a run folder may come from another machine or user)."""
     command = f"python -m ensemble.fit {shlex.quote(str(Path(run_dir) / 'recipe.toml'))} --out {shlex.quote(str(run_dir))}"
     try:
         cache = json.loads((Path(run_dir) / "data.json").read_text()).get("cache")
     except (OSError, ValueError, AttributeError):
         cache = None
-    return f"{command} --cache {shlex.quote(cache)}" if isinstance(cache, str) and cache else command
+    usable = isinstance(cache, str) and os.path.isdir(cache) and os.access(cache, os.W_OK)  # not another machine's
+    return f"{command} --cache {shlex.quote(cache)}" if usable else command
 
 
 def retrain_hint(run_dir: Path, job_folder: Path) -> str:

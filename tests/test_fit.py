@@ -539,18 +539,26 @@ def test_replacing_test_logits_names_no_test_set_until_they_are_written(tmp_path
 
 def test_combiners_are_refitted_without_the_images_when_only_ensemble_changed(tmp_path, session_cache, capsys):
     """A finished run folder whose images are gone (copied to a laptop) still refits its combiners:
-    the cached logits, labels and folds are all they need. Anything else needs the images."""
+    the cached logits, labels and folds are all they need. Anything else needs the images, and
+    images that are there but cannot be loaded are an error, never a refit on the old ones."""
     tree = digit_tree(tmp_path / "imgs")
     (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(tree))))
     run = tmp_path / "run"
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
     trained = job_pids(run)
-    tree.rename(tmp_path / "moved")
+
+    (tree / "low" / "99.png").write_bytes(b"not a png")  # there, but not loadable
     capsys.readouterr()
-    both = ["--set", "ensemble.combiners=['mean','weighted']"]
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 2
+    assert "data cannot be loaded: " in capsys.readouterr().err
+    (tree / "low" / "99.png").unlink()
+
+    tree.rename(tmp_path / "moved")
+    both = ["--set", "ensemble.combiners=['mean','weighted']", "--set", "train.device='cpu'"]  # speed-only too
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *both)) == 0
     out, err = capsys.readouterr()
-    assert "note: the images cannot be loaded (" in err and "refitting the combiners on the cached logits" in err
+    assert f"note: the images cannot be loaded (data.path does not exist: '{tree}'), but the run's jobs are all " \
+           "finished and only [ensemble] may have changed: refitting the combiners on the cached logits" in err
     assert "rel: 2 jobs, 2 cached, 0 to train" in out and job_pids(run) == trained
     assert set(json.loads((run / "metrics.json").read_text())["combiners"]) == {"mean", "weighted"}
     assert "'mean', 'weighted'" in (run / "recipe.toml").read_text().replace('"', "'")
@@ -558,3 +566,25 @@ def test_combiners_are_refitted_without_the_images_when_only_ensemble_changed(tm
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *both, "--set", "train.lr=0.05")) == 2
     assert f"error: r.toml: data.path does not exist: '{tree}'" in capsys.readouterr().err
     assert set(json.loads((run / "metrics.json").read_text())["combiners"]) == {"mean", "weighted"}  # untouched
+    (run / "data.json").write_text("[]")  # damaged: no refit, the plain error
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *both)) == 2
+    assert f"error: r.toml: data.path does not exist: '{tree}'" in capsys.readouterr().err
+
+
+def test_the_completing_command_repeats_a_cache_only_where_it_is_usable(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for cache, shown in ((tmp_path, True), (tmp_path / "gone", False), (None, False)):
+        (run / "data.json").write_text(json.dumps({"cache": None if cache is None else str(cache)}))
+        assert (f"--cache {cache}" in store.fit_command(run)) is shown  # another machine's cache is left out
+
+
+def test_importing_ensemble_leaves_tqdm_process_map_working():
+    """Only job workers swap tqdm's lock for a thread lock: process_map hands the lock to spawned
+    processes, and a thread lock cannot be pickled."""
+    code = ("import multiprocessing as mp; mp.set_start_method('spawn'); import ensemble.predict; "
+            "from tqdm.contrib.concurrent import process_map; print(process_map(abs, [-1, -2], max_workers=1, "
+            "disable=True))")
+    done = subprocess.run([sys.executable, "-c", f"if __name__ == '__main__': {code}"], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "[1, 2]", done.stderr
