@@ -590,21 +590,26 @@ def _check_training_classes(classes: tuple[str, ...], files: list[tuple[str, ...
 # --------------------------------------------------------------------------- decoding
 
 
-def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progress: bool) -> torch.Tensor:
+def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progress: bool,
+                  transparent: list[str] | None = None) -> torch.Tensor:
     """Decode encoded images to uint8 (N, C, image_size, image_size).
 
     C = 1 if every image is grayscale, else 3. JPEGs are decoded in batches by
     torchvision's libjpeg-turbo decoder (measured fastest here), others by PIL.
+    The names of images with transparent pixels go to ``transparent`` when given,
+    else into a DataNote.
     """
-    chunks, transparent = [], []
+    chunks, found = [], []
     with progress_bar(progress=progress, total=len(blobs), desc="decoding", unit="img") as bar:
         for start in range(0, len(blobs), _CHUNK):
             part = slice(start, start + _CHUNK)
-            chunks.append(_decode_chunk(blobs[part], names[part], image_size, transparent))
+            chunks.append(_decode_chunk(blobs[part], names[part], image_size, found))
             bar.update(len(chunks[-1]))
-    if transparent:
+    if transparent is not None:
+        transparent += found
+    elif found:
         warnings.warn(DataNote(
-            f"{count_of(len(transparent), 'image')} with transparent pixels (e.g. '{transparent[0]}'): the alpha "
+            f"{count_of(len(found), 'image')} with transparent pixels (e.g. '{found[0]}'): the alpha "
             "channel is dropped, as torchvision's ImageFolder does, so the models see the colours under it; flatten "
             "them onto a background first if those colours are arbitrary (predict refuses such images)"
         ), stacklevel=2)
@@ -706,15 +711,17 @@ def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
     return out
 
 
-def decode_images(blobs: list[bytes], names: list[str], image_size: int, channels: int | None = None) -> torch.Tensor:
+def decode_images(blobs: list[bytes], names: list[str], image_size: int, channels: int | None = None,
+                  transparent: list[str] | None = None) -> torch.Tensor:
     """Encoded images to uint8 (N, C, image_size, image_size), decoded and resized as training data is.
 
-    `channels` (1 or 3) forces grayscale or RGB to match a trained model. Raises DataError naming the first
-    image that cannot be decoded (predict then decodes that batch one by one to report each file).
+    `channels` (1 or 3) forces grayscale or RGB to match a trained model. The names of images with
+    transparent pixels go to `transparent` when given (else into a DataNote). Raises DataError naming the
+    first image that cannot be decoded (predict then decodes that batch one by one to report each file).
     """
     if not blobs:
         raise ValueError("decode_images needs at least one image")
-    return _to_channels(_decode_blobs(blobs, names, image_size, progress=False), channels)
+    return _to_channels(_decode_blobs(blobs, names, image_size, progress=False, transparent=transparent), channels)
 
 
 def _to_channels(x: torch.Tensor, channels: int | None) -> torch.Tensor:

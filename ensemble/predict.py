@@ -28,21 +28,18 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from . import backbones, store
 from . import combiners as comb
 from .combiner_store import CombinerStateError, load_combiner
 from .data import (
-    _PIL_ERRORS,
     ARCHIVE_EXTENSIONS,
     IMAGE_EXTENSIONS,
     DataError,
     class_folder_depth,
     count_of,
     decode_images,
-    has_transparent_pixels,
     images_lie,
     pil_reason,
     skipped_note,
@@ -398,60 +395,51 @@ def read_inputs(paths: list[str], data: DataInfo, progress: bool = False, chunk:
     return Inputs(x, [e.path for e in kept], y if (y >= 0).any() else None, failures, notes)
 
 
+TRANSPARENT = ("has transparent pixels: the colours under them are arbitrary, and so would its prediction be; "
+               "flatten it onto a background first")
+
+
 def _decode_batch(entries: list[_Entry], data: DataInfo) -> tuple[torch.Tensor | None, list[_Entry], list]:
     """Read and decode a batch of entries; every unreadable or refused file becomes a failure.
 
-    Returns uint8 (n_ok, C_img, S, S) or None, the entries decoded, and [(path, reason)] failures.
+    An image with transparent pixels is refused (training drops alpha; the colours under it are
+    arbitrary), found while it is decoded. Returns uint8 (n_ok, C_img, S, S) or None, the entries
+    decoded, and [(path, reason)] failures.
     """
     blobs, ok, failures = [], [], []
     for e in entries:
         try:
-            blob = e.source.read_bytes() if isinstance(e.source, Path) else e.source
+            blobs.append(e.source.read_bytes() if isinstance(e.source, Path) else e.source)
+            ok.append(e)
         except OSError as exc:
             failures.append((e.path, f"cannot be read ({exc.strerror or exc})"))
-            continue
-        problem = _transparency_problem(blob)
-        if problem:
-            failures.append((e.path, problem))
-            continue
-        blobs.append(blob)
-        ok.append(e)
     if not ok:
         return None, [], failures
-    images, good, bad = _decode_or_split(blobs, ok, data)
-    return (torch.cat(images) if images else None), good, failures + bad
+    transparent: list[str] = []
+    images, good, bad = _decode_or_split(blobs, ok, data, transparent)
+    x = torch.cat(images) if images else None
+    if transparent:
+        hidden = set(transparent)
+        keep = [i for i, e in enumerate(good) if e.path not in hidden]
+        failures += [(e.path, TRANSPARENT) for e in good if e.path in hidden]
+        x, good = (x[keep] if keep else None), [good[i] for i in keep]
+    return x, good, failures + bad
 
 
-def _decode_or_split(blobs: list[bytes], entries: list[_Entry], data: DataInfo):
-    """Decode all at once; on a bad image, split in halves until each bad file stands alone."""
+def _decode_or_split(blobs: list[bytes], entries: list[_Entry], data: DataInfo, transparent: list[str]):
+    """Decode all at once; on a bad image, split in halves until each bad file stands alone.
+    The names of images with transparent pixels go to ``transparent``."""
     try:
-        return [decode_images(blobs, [e.path for e in entries], data.image_size, data.channels)], entries, []
+        names = [e.path for e in entries]
+        return [decode_images(blobs, names, data.image_size, data.channels, transparent)], entries, []
     except DataError as exc:
         if len(entries) == 1:
             reason = pil_reason(exc.__cause__) if exc.__cause__ else str(exc)
             return [], [], [(entries[0].path, f"not a readable image ({reason})")]
     mid = len(entries) // 2
-    a = _decode_or_split(blobs[:mid], entries[:mid], data)
-    b = _decode_or_split(blobs[mid:], entries[mid:], data)
+    a = _decode_or_split(blobs[:mid], entries[:mid], data, transparent)
+    b = _decode_or_split(blobs[mid:], entries[mid:], data, transparent)
     return a[0] + b[0], a[1] + b[1], a[2] + b[2]
-
-
-def _transparency_problem(blob: bytes) -> str | None:
-    """A reason when the image has an alpha channel (or colour key) with transparent pixels.
-
-    Training drops alpha; here a transparent image is refused, since its hidden pixels are arbitrary.
-    """
-    if blob[:2] == b"\xff\xd8":  # JPEG: no alpha
-        return None
-    try:
-        with Image.open(io.BytesIO(blob)) as im:
-            if not has_transparent_pixels(im):
-                return None
-            mode = im.mode
-    except _PIL_ERRORS:
-        return None  # decode_images reports it
-    return (f"has transparent pixels ({mode} image): the colours under them are arbitrary, and so would its "
-            "prediction be; flatten it onto a background first")
 
 
 def _list_input(arg: str, classes: tuple[str, ...]) -> tuple[list[_Entry], list, list[str]]:

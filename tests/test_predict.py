@@ -292,7 +292,7 @@ BAD_INPUTS = [
     ("non-image file", lambda d, g: _text_file(d), "not an image"),
     ("corrupt image", lambda d, g: _corrupt_png(d), "not a readable image"),
     ("truncated image", _truncated_png, "not a readable image"),
-    ("transparent RGBA image", _transparent_png, "has transparent pixels (RGBA image): the colours under them are arbitrary"),
+    ("transparent RGBA image", _transparent_png, "has transparent pixels: the colours under them are arbitrary"),
     ("corrupt tar.gz", lambda d, g: _corrupt_tar(d), "not a readable tar archive"),
     ("corrupt image inside a tar", _tar_with_bad_member, "not a readable image"),
 ]
@@ -524,7 +524,7 @@ def test_opaque_alpha_is_accepted_transparent_palette_refused(base, tmp_path, ca
     palette.info["transparency"] = 0
     palette.save(tmp_path / "keyed.png", transparency=0)
     rc, _, err = call([base["run"], opaque, tmp_path / "keyed.png", "--out", tmp_path / "p.csv", "--quiet"], capsys)
-    assert rc == 1 and "keyed.png: has transparent pixels (P image): the colours under them are arbitrary" in err
+    assert rc == 1 and "keyed.png: has transparent pixels: the colours under them are arbitrary" in err
     assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [str(opaque)]
 
 
