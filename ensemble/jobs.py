@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import signal
 import sys
 import threading
 import time
@@ -419,6 +420,20 @@ class ClusterError(RuntimeError):
 
 
 @contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while the block starts processes, which keep ignoring it: a local Dask
+    worker would otherwise print a page of tracebacks on Ctrl-C, while fit closes it anyway."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
 def cluster(backend: str = "loky", scheduler: str | None = None, address: str | None = None):
     """Connect joblib to a Dask or Ray cluster for the duration of the block.
 
@@ -430,7 +445,11 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
         from dask.distributed import Client
 
         try:
-            client = Client(scheduler) if scheduler else Client(processes=True)
+            if scheduler:
+                client = Client(scheduler)
+            else:
+                with _sigint_ignored():  # the local workers inherit it: Ctrl-C stops fit, and fit stops them
+                    client = Client(processes=True)
         except OSError as exc:  # unreachable address, timeout
             raise ClusterError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from None
         with client:

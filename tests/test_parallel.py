@@ -319,3 +319,22 @@ def test_a_job_writes_no_per_epoch_progress_lines_into_a_log(monkeypatch):
     assert len(out.history["epochs"]) == 6
     draws = log.getvalue().count("job:")
     assert 1 <= draws <= 2, log.getvalue()
+
+
+def test_processes_started_for_a_local_dask_cluster_leave_ctrl_c_to_fit():
+    """A local Dask cluster's workers start while SIGINT is ignored and keep ignoring it: Ctrl-C
+    stops fit, which closes them, instead of each printing a page of tracebacks. fit's own
+    handler is back afterwards."""
+    import signal
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-c", "import signal; print(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)"]
+    before = signal.getsignal(signal.SIGINT)
+    if before == signal.SIG_IGN:
+        pytest.skip("this test process was started with SIGINT ignored (a background job of a shell script)")
+    with jobs._sigint_ignored():
+        inside = subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip()
+    assert inside == "True"
+    assert signal.getsignal(signal.SIGINT) is before
+    assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "False"
