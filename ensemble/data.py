@@ -53,6 +53,10 @@ class DataError(ValueError):
     """A problem with the user's data or data settings; the message says how to fix it."""
 
 
+class NoImagesError(DataError):
+    """The folder is there but holds no images (e.g. a disk not mounted at its mount point)."""
+
+
 class DataNote(UserWarning):
     """Something the user should know about their images: files skipped, transparent pixels shown.
     Warned on every load (kept with the cached arrays); the commands print it as a note."""
@@ -183,6 +187,7 @@ def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
                          "the test set is held out of its training split"])
         train, test = hold_out(train, cfg.test_fraction, seed)
     train, test = _same_channels(train, test)
+    _note_shared_images(train, test)
     mean, std = channel_stats(train.x)
     return Dataset(train=train, test=test, fingerprint=fingerprint(train), mean=mean, std=std)
 
@@ -247,6 +252,23 @@ def hold_out(images: Images, fraction: float, seed: int) -> tuple[Images, Images
 def _subset(images: Images, idx: np.ndarray) -> Images:
     index = torch.from_numpy(np.asarray(idx, dtype=np.int64))
     return Images(images.x[index].contiguous(), images.y[index].contiguous(), images.classes)
+
+
+def _note_shared_images(train: Images, test: Images | None) -> None:
+    """A note when test images are pixel for pixel training images: their test scores measure
+    memory, not accuracy on images the models never saw."""
+    if test is None or not len(test.y):
+        return
+    seen = set(_row_digests(train.x))
+    shared = sum(d in seen for d in _row_digests(test.x))
+    if shared:
+        also = "is also a training image" if shared == 1 else "are also training images"
+        _warn_notes([f"{shared} of the {len(test.y)} test images {also} (the same pixels): their test scores measure "
+                     "memory, not accuracy on unseen images; remove them from the test set"])
+
+
+def _row_digests(x: torch.Tensor) -> list[bytes]:
+    return [hashlib.blake2b(memoryview(r).cast("B"), digest_size=16).digest() for r in np.ascontiguousarray(x.numpy())]
 
 
 def _same_channels(train: Images, test: Images | None) -> tuple[Images, Images | None]:
@@ -542,7 +564,7 @@ def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str
     Returns (classes, order: list[int], labels: int64 (N,)).
     """
     if not files:
-        raise DataError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{where}'; expected <class>/<image> files")
+        raise NoImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{where}'; expected <class>/<image> files")
     if known is None:
         firsts = {p[0] for p in files} | {d[0] for d in dirs}
         skip = 1 if len(firsts) == 1 and any(len(p) >= 3 for p in files) else 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import json
 import os
 import shutil
 import sys
@@ -229,11 +230,27 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
               f"{s['seconds']:.1f} s on {s['device']}", flush=True)
 
 
+def say_why_all_retrain(run_dir: Path, dataset) -> None:
+    """A note when the run's training images changed since it last trained (every job retrains)."""
+    try:
+        info = json.loads((run_dir / "data.json").read_text())
+        old, channels = info["fingerprint"], int(info["channels"])
+    except (OSError, ValueError, TypeError, KeyError):
+        return
+    if old in (dataset.fingerprint, dataset.legacy_fingerprint):
+        return
+    now = int(dataset.train.x.shape[1])
+    why = "" if now == channels else (f" (they are {'RGB' if now == 3 else 'grayscale'} now: grayscale training "
+                                      "images become RGB when a test image is in colour)")
+    print(f"note: the training images changed since this run last trained{why}; every job trains again",
+          file=sys.stderr)
+
+
 def test_outdated(run_dir: Path, job) -> bool:
-    """True when a finished job's test logits are not of the run's current test images."""
+    """True when a finished job's test logits are not of the run's current test images, or missing."""
     folder = store.job_dir(run_dir, job.alias, job.fold)
-    if not job.test_key and not (folder / "test_logits.npy").exists():
-        return False  # no test set, no test logits: nothing to change
+    if not (folder / "test_logits.npy").exists():
+        return bool(job.test_key)  # missing (deleted after the job finished): predicted again
     return store.test_key_of(folder) != job.test_key
 
 
@@ -248,13 +265,13 @@ def predict_new_test(dataset, folds: np.ndarray, run_dir: Path, new_test: list) 
     if dataset.test is None:
         print(f"test set removed: dropped the test logits of {jobs}", flush=True)
     else:
-        print(f"test set changed: predicted the new test images with the saved models of {jobs}, without "
-              f"retraining ({time.perf_counter() - t0:.1f} s on {', '.join(devices)})", flush=True)
+        print(f"test set: predicted with the saved models of {jobs} (their test logits were of other images, or "
+              f"missing), without retraining ({time.perf_counter() - t0:.1f} s on {', '.join(devices)})", flush=True)
 
 
 def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
-    from .data import DataError, load_dataset, notes_printed
+    from .data import DataError, NoImagesError, load_dataset, notes_printed
 
     recipe = recipe_mod.load(args.recipe, args.set)
     try:
@@ -277,6 +294,8 @@ def run(args: argparse.Namespace) -> Path:
             dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
                                    progress=not args.quiet)
     except DataError as exc:
+        if isinstance(exc, NoImagesError) and refit_combiners_only(recipe, run_dir, previous, args, t0, str(exc)):
+            return run_dir  # an empty folder: a disk not mounted at its mount point
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
     check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
     folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
@@ -291,6 +310,8 @@ def run(args: argparse.Namespace) -> Path:
                                                                             j.key)]
     new_test = [j for j in all_jobs if j not in pending and j not in legacy and test_outdated(run_dir, j)]
     to_train = {j.alias for j in pending}
+    if pending:
+        say_why_all_retrain(run_dir, dataset)
     check_backbones(recipe, to_train | {j.alias for j in new_test}, len(dataset.train.classes),
                     int(dataset.train.x.shape[1]), int(dataset.train.x.shape[-1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
@@ -375,7 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}; finished jobs are kept", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted: finished jobs are kept; run the same command again to resume", file=sys.stderr)
+        stopped_bar = "" if args.quiet else "\n"  # a worker's bar, stopped mid-line, does not end its line
+        print(f"{stopped_bar}interrupted: finished jobs are kept; run the same command again to resume",
+              file=sys.stderr)
         return 130
     return 0
 

@@ -312,7 +312,14 @@ def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, pr
     slots = max(n_jobs, n_gpus) if n_gpus > 1 else 0
     # n_jobs = 1: joblib runs the calls one by one in this process
     calls = (delayed(_run_local_job)(os.getpid(), job, data, run_dir, threads, progress, slots) for job in jobs)
-    yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(calls)
+    try:
+        yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(calls)
+    except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C (here, or in fit while it prints a result)
+        if n_jobs > 1:  # stop the workers and free their locks before fit exits
+            from joblib.externals.loky import get_reusable_executor
+
+            get_reusable_executor().shutdown(wait=True, kill_workers=True)
+        raise
 
 
 def _run_local_job(fit_pid: int, job: Job, data: SharedData, run_dir: Path, threads: int, progress: bool,
@@ -321,6 +328,8 @@ def _run_local_job(fit_pid: int, job: Job, data: SharedData, run_dir: Path, thre
     if fit_pid != os.getpid():  # a worker (with --jobs 1 joblib runs the job in fit's own process)
         _exit_with(fit_pid)
         progress_mod.use_thread_lock()
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is fit's to handle: it stops the workers
     return run_job(job, data, run_dir, threads, progress, gpu_slots=gpu_slots)
 
 

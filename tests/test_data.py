@@ -246,7 +246,7 @@ def test_a_test_set_is_read_by_the_training_classes(tmp_path, layout, classes):
         if rel.endswith("/"):
             (test / rel).mkdir(exist_ok=True)
         else:
-            rng_image(np.random.default_rng(0), (12, 12), "RGB").save(test / rel)
+            rng_image(np.random.default_rng(99), (12, 12), "RGB").save(test / rel)  # not a training image
     ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
     assert [CLASSES[i] for i in ds.test.y] == classes  # in path order
     files = [tuple(p.relative_to(test).parts) for p in sorted(test.rglob("*.png"))]
@@ -383,8 +383,9 @@ def test_cifar10_archive_slice(cifar_archive, session_cache):
 
 
 def test_a_test_set_replacing_a_torchvision_sources_official_split_is_noted(tmp_path, monkeypatch):
-    digits = load(tmp_path / "cache").train
-    official = data._subset(digits, np.arange(50))  # stands in for torchvision's test split (no download here)
+    everything = load(tmp_path / "cache").train
+    digits = data._subset(everything, np.arange(50, len(everything.y)))
+    official = data._subset(everything, np.arange(50))  # stands in for torchvision's test split (no download here)
     monkeypatch.setattr(data, "_load_source", lambda cfg, cache, progress: (digits, official))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -392,7 +393,19 @@ def test_a_test_set_replacing_a_torchvision_sources_official_split_is_noted(tmp_
     assert not [w for w in caught if issubclass(w.category, data.DataNote)]
     with pytest.warns(data.DataNote, match="data.test_fraction = 0.2 replaces cifar10's official test split: the "
                                            "test set is held out of its training split"):
-        assert len(load(tmp_path / "cache", source="cifar10", test_fraction=0.2).test.y) == 360
+        assert len(load(tmp_path / "cache", source="cifar10", test_fraction=0.2).test.y) == 350
     tree = make_tree(tmp_path / "tree", classes=("0", "1"), size=(8, 8))
     with pytest.warns(data.DataNote, match="data.test_path replaces cifar10's official test split as the test set"):
         assert len(load(tmp_path / "cache", source="cifar10", test_path=str(tree)).test.y) == 6
+
+
+def test_test_images_that_are_training_images_are_noted(tmp_path):
+    tree = make_tree(tmp_path / "train", size=(8, 8))
+    test = make_tree(tmp_path / "test", size=(8, 8), seed=1)
+    shutil.copy(tree / "dog" / "01.png", test / "dog" / "copy.png")  # one training image in the test set
+    with pytest.warns(data.DataNote, match=r"1 of the 10 test images is also a training image \(the same pixels\)"):
+        load(tmp_path / "cache", source="folder", path=str(tree), test_path=str(test), image_size=8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", data.DataNote)  # none shared: no note
+        load(tmp_path / "cache", source="folder", path=str(tree), test_path=str(make_tree(tmp_path / "t2", size=(8, 8),
+                                                                                           seed=2)), image_size=8)

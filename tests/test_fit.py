@@ -241,6 +241,10 @@ def test_ctrl_c_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, sessio
     reader.join(timeout=30)
     lines = [line for line in bytes(log).decode(errors="replace").replace("\r", "\n").splitlines()
              if line.strip() and " fold" not in line]  # the progress bars aside
+    # Left aside, and known: loky's own resource tracker, racing fit's exit, now and then (about 1
+    # run in 14 here) warns that one of loky's locks leaked, then finds it already removed.
+    racing = [i for i, line in enumerate(lines) if "loky/backend/resource_tracker.py" in line]
+    lines = [line for i, line in enumerate(lines) if i not in racing and i - 1 not in racing]
     assert lines == ["interrupted: finished jobs are kept; run the same command again to resume"], lines
     deadline = time.monotonic() + 10
     while (alive := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
@@ -443,8 +447,8 @@ def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tm
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *sets)) == 0  # no test set
     trained = job_pids(run)
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
-    assert "test set changed: predicted the new test images with the saved models of 2 cached jobs, without " \
-           "retraining" in capsys.readouterr().out
+    assert "test set: predicted with the saved models of 2 cached jobs (their test logits were of other images, " \
+           "or missing), without retraining" in capsys.readouterr().out
     assert np.load(run / "members/test_resnet/fold0/test_logits.npy").shape == (2, 20, 2)  # both snapshots
 
     # Killed while predicting: no result that looks current is left, and the next run predicts again.
@@ -459,10 +463,14 @@ def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tm
     capsys.readouterr()
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
     out = capsys.readouterr().out
-    assert "rel: 2 jobs, 2 cached, 0 to train" in out and "test set changed: predicted" in out
+    assert "rel: 2 jobs, 2 cached, 0 to train" in out and "test set: predicted with the saved models" in out
     assert job_pids(run) == trained and len(np.load(run / "test_labels.npy")) == 21
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
     assert "test set" not in capsys.readouterr().out  # an unchanged rerun predicts nothing again
+
+    (run / "members/test_resnet/fold1/test_logits.npy").unlink()  # lost after the job finished
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
+    assert "test set: predicted with the saved models of 1 cached job " in capsys.readouterr().out
 
     fresh = tmp_path / "fresh"
     assert fit.main(fit_args(tmp_path / "r.toml", fresh, session_cache, *with_test)) == 0
@@ -554,6 +562,11 @@ def test_combiners_are_refitted_without_the_images_when_only_ensemble_changed(tm
     (tree / "low" / "99.png").unlink()
 
     tree.rename(tmp_path / "moved")
+    capsys.readouterr()
+    tree.mkdir()  # an empty mount point, its disk not mounted
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, "--set", "ensemble.combiners=['mean']")) == 0
+    assert f"note: the images cannot be loaded (no images (" in capsys.readouterr().err
+    tree.rmdir()
     both = ["--set", "ensemble.combiners=['mean','weighted']", "--set", "train.device='cpu'"]  # speed-only too
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *both)) == 0
     out, err = capsys.readouterr()
@@ -588,3 +601,18 @@ def test_importing_ensemble_leaves_tqdm_process_map_working():
     done = subprocess.run([sys.executable, "-c", f"if __name__ == '__main__': {code}"], capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.strip() == "[1, 2]", done.stderr
+
+
+def test_fit_says_why_every_job_retrains_when_the_training_images_changed(tmp_path, session_cache, capsys):
+    tree = digit_tree(tmp_path / "imgs")
+    (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(tree))))
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    digit_tree(tree, n=2, start=40)  # two more training images
+    capsys.readouterr()
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    out, err = capsys.readouterr()
+    assert "rel: 2 jobs, 0 cached, 2 to train" in out
+    assert "note: the training images changed since this run last trained; every job trains again" in err
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    assert "training images changed" not in capsys.readouterr().err
