@@ -183,8 +183,8 @@ def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
     train = keep_per_class(train, cfg.per_class)
     if cfg.test_fraction > 0:
         if test is not None:
-            _warn_notes([f"data.test_fraction = {cfg.test_fraction} replaces {cfg.source}'s official test split: "
-                         "the test set is held out of its training split"])
+            _warn_notes([(f"data.test_fraction = {cfg.test_fraction} replaces {cfg.source}'s official test split: "
+                          "the test set is held out of its training split")])
         train, test = hold_out(train, cfg.test_fraction, seed)
     train, test = _same_channels(train, test)
     _note_shared_images(train, test)
@@ -263,8 +263,8 @@ def _note_shared_images(train: Images, test: Images | None) -> None:
     shared = sum(d in seen for d in _row_digests(test.x))
     if shared:
         also = "is also a training image" if shared == 1 else "are also training images"
-        _warn_notes([f"{shared} of the {len(test.y)} test images {also} (the same pixels): their test scores measure "
-                     "memory, not accuracy on unseen images; remove them from the test set"])
+        _warn_notes([(f"{shared} of the {len(test.y)} test images {also} (the same pixels): their test scores "
+                      "measure memory, not accuracy on unseen images; remove them from the test set")])
 
 
 def _row_digests(x: torch.Tensor) -> list[bytes]:

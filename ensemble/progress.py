@@ -15,7 +15,6 @@ from tqdm import autonotebook, std
 from tqdm.auto import tqdm
 
 
-
 def is_terminal(stream=None) -> bool:
     """Whether bars are seen live: a terminal, or a notebook (whose widget bars are not lines)."""
     if stream is None and autonotebook.tqdm is not std.tqdm:
