@@ -564,7 +564,8 @@ def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str
     Returns (classes, order: list[int], labels: int64 (N,)).
     """
     if not files:
-        raise NoImagesError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{where}'; expected <class>/<image> files")
+        raise NoImagesError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) found in '{where}'; expected <class>/<image> files")
     if known is None:
         firsts = {p[0] for p in files} | {d[0] for d in dirs}
         skip = 1 if len(firsts) == 1 and any(len(p) >= 3 for p in files) else 0

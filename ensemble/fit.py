@@ -49,7 +49,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="joblib backend: local processes (loky), or a Dask / Ray cluster")
     p.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (with --backend dask)")
     p.add_argument("--address", help="Ray cluster address, e.g. HOST:6379 (with --backend ray)")
-    p.add_argument("--cache", type=Path, default=None, help="decoded-image cache (default: $ENSEMBLE_CACHE, else $XDG_CACHE_HOME/ensemble, "
+    p.add_argument("--cache", type=Path, default=None,
+                   help="decoded-image cache (default: $ENSEMBLE_CACHE, else $XDG_CACHE_HOME/ensemble, "
                         "else ~/.cache/ensemble)")
     p.add_argument("--no-report", action="store_true", help="skip writing report/")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -138,7 +139,8 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
     """Build every backbone about to train once and take one training step's forward and
     backward pass on a zero batch, augmented first, so that a bad name, ``model_args``, stem,
     weights file, image size the model or an augmentation cannot take (a ViT built for 224, a
-    4-pixel crop of 4-pixel images) or a batch size of 1 under batch norm fails now, naming its key, rather than as a traceback from inside a job."""
+    4-pixel crop of 4-pixel images) or a batch size of 1 under batch norm fails now, naming its
+    key, rather than as a traceback from inside a job."""
     import torch
 
     from . import backbones
@@ -318,7 +320,7 @@ def run(args: argparse.Namespace) -> Path:
         check_devices(recipe, to_train)
     # connected before the run folder changes: an unreachable cluster is an error that writes nothing
     with jobs_mod.cluster(args.backend, args.scheduler, args.address) if pending else contextlib.nullcontext():
-        invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: from here on the run folder changes
+        invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: the run folder changes now
         for job in legacy:  # same training and test images, under the key of before 2026-11: nothing to redo
             store.adopt(store.job_dir(run_dir, job.alias, job.fold), job.key, job.test_key)
         write_run_files(run_dir, recipe, dataset, folds, args.cache)

@@ -84,7 +84,8 @@ def fit_command(run_dir: Path) -> str:
     """The command that completes (or rewrites) the run in ``run_dir``; cached jobs are reused, and
     so is the decoded-image cache that fit was given with ``--cache`` (recorded in data.json) where
     that folder is there and writable (a run folder may come from another machine or user)."""
-    command = f"python -m ensemble.fit {shlex.quote(str(Path(run_dir) / 'recipe.toml'))} --out {shlex.quote(str(run_dir))}"
+    recipe = shlex.quote(str(Path(run_dir) / "recipe.toml"))
+    command = f"python -m ensemble.fit {recipe} --out {shlex.quote(str(run_dir))}"
     try:
         cache = json.loads((Path(run_dir) / "data.json").read_text()).get("cache")
     except (OSError, ValueError, AttributeError):

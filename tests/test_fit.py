@@ -227,7 +227,8 @@ def test_ctrl_c_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, sessio
     args = [a for a in fit_args(tiny_recipe, tmp_path / "run", session_cache) if a != "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "ensemble.fit", *args, "--jobs", "2", "--set", "train.epochs=400"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509 - no thread yet
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # noqa: PLW1509
+    # (preexec_fn: no thread is running yet; the child needs Ctrl-C's default action, as in a terminal)
     log = bytearray()
     reader = threading.Thread(target=lambda: [log.extend(b) for b in iter(lambda: proc.stderr.read1(4096), b"")])
     reader.start()
