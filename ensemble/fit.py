@@ -248,6 +248,17 @@ def say_why_all_retrain(run_dir: Path, dataset) -> None:
           file=sys.stderr)
 
 
+def check_weights(run_dir: Path, jobs: list) -> None:
+    """Fail before the run folder changes when a job about to predict new test images lacks a
+    weights file (deleted after it finished)."""
+    for job in jobs:
+        folder = store.job_dir(run_dir, job.alias, job.fold)
+        for name in store.weight_files(job.backbone.train.snapshots or 1):
+            if not (folder / name).is_file():
+                raise store.RunError(f"{folder / name}: missing, although its job is marked done; "
+                                     f"{store.retrain_hint(run_dir, folder)}")
+
+
 def test_outdated(run_dir: Path, job) -> bool:
     """True when a finished job's test logits are not of the run's current test images, or missing."""
     folder = store.job_dir(run_dir, job.alias, job.fold)
@@ -318,6 +329,7 @@ def run(args: argparse.Namespace) -> Path:
                     int(dataset.train.x.shape[1]), int(dataset.train.x.shape[-1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
         check_devices(recipe, to_train)
+    check_weights(run_dir, new_test)
     # connected before the run folder changes: an unreachable cluster is an error that writes nothing
     with jobs_mod.cluster(args.backend, args.scheduler, args.address) if pending else contextlib.nullcontext():
         invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: the run folder changes now

@@ -469,6 +469,15 @@ def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tm
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
     assert "test set" not in capsys.readouterr().out  # an unchanged rerun predicts nothing again
 
+    weights = run / "members/test_resnet/fold0/weights.safetensors"
+    weights.rename(tmp_path / "aside")  # a job that must predict the new test images lacks its weights:
+    digit_tree(test, n=1, start=61)     # refused before anything changes, the old results kept
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 2
+    assert f"{weights}: missing, although its job is marked done; delete" in capsys.readouterr().err
+    assert (run / "metrics.json").exists() and (run / "combiners" / "index.json").exists()
+    (tmp_path / "aside").rename(weights)
+    (test / "low" / "61.png").unlink(missing_ok=True)
+    (test / "high" / "61.png").unlink(missing_ok=True)
     (run / "members/test_resnet/fold1/test_logits.npy").unlink()  # lost after the job finished
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache, *with_test)) == 0
     assert "test set: predicted with the saved models of 1 cached job " in capsys.readouterr().out
