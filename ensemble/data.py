@@ -28,7 +28,7 @@ import tarfile
 import warnings
 import zlib
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Callable
 
@@ -127,13 +127,12 @@ class Dataset:
     fingerprint: str
     mean: tuple[float, ...]
     std: tuple[float, ...]
-    test_fingerprint: str = ""  # derived from `test` when not given
 
-    def __post_init__(self) -> None:
-        if self.test is not None and not self.test_fingerprint:
-            object.__setattr__(self, "test_fingerprint", fingerprint(self.test))
+    @cached_property
+    def test_fingerprint(self) -> str:
+        return "" if self.test is None else fingerprint(self.test)
 
-    @property
+    @cached_property
     def legacy_fingerprint(self) -> str:
         """The fingerprint of training and test images together that keyed jobs before 2026-11
         ("" without a test set, where it equals `fingerprint`)."""

@@ -232,6 +232,15 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
               f"{s['seconds']:.1f} s on {s['device']}", flush=True)
 
 
+def keyed_before_2026_11(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray, unfinished: list) -> list:
+    """The ``unfinished`` jobs that finished under the key of before 2026-11, which also covered the
+    test images: with the same training and test images, they are reused as they are."""
+    if not unfinished or dataset.test is None:  # without a test set the two keys are the same
+        return []
+    old = {(j.alias, j.fold): j.key for j in jobs_mod.plan(recipe, dataset.legacy_fingerprint, folds)}
+    return [j for j in unfinished if store.is_done(store.job_dir(run_dir, j.alias, j.fold), old[j.alias, j.fold])]
+
+
 def say_why_all_retrain(run_dir: Path, dataset) -> None:
     """A note when the run's training images changed since it last trained (every job retrains)."""
     try:
@@ -254,9 +263,7 @@ def check_weights(run_dir: Path, jobs: list) -> None:
     for job in jobs:
         folder = store.job_dir(run_dir, job.alias, job.fold)
         for name in store.weight_files(job.backbone.train.snapshots or 1):
-            if not (folder / name).is_file():
-                raise store.RunError(f"{folder / name}: missing, although its job is marked done; "
-                                     f"{store.retrain_hint(run_dir, folder)}")
+            store.require_weights_file(folder / name, store.retrain_hint(run_dir, folder))
 
 
 def test_outdated(run_dir: Path, job) -> bool:
@@ -316,11 +323,10 @@ def run(args: argparse.Namespace) -> Path:
     print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
           f"({time.perf_counter() - t0:.1f} s)")
-    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint, dataset.legacy_fingerprint)
-    legacy = [j for j in all_jobs if j.legacy_key and store.is_done(store.job_dir(run_dir, j.alias, j.fold),
-                                                                     j.legacy_key)]
-    pending = [j for j in all_jobs if j not in legacy and not store.is_done(store.job_dir(run_dir, j.alias, j.fold),
-                                                                            j.key)]
+    all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint)
+    pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
+    legacy = keyed_before_2026_11(run_dir, recipe, dataset, folds, pending)
+    pending = [j for j in pending if j not in legacy]
     new_test = [j for j in all_jobs if j not in pending and j not in legacy and test_outdated(run_dir, j)]
     to_train = {j.alias for j in pending}
     if pending:

@@ -41,7 +41,6 @@ class Job:
     key: str
     seed: int
     test_key: str = ""  # fingerprint of the test images its test logits are of ("" without a test set)
-    legacy_key: str = ""  # its key before 2026-11, when the test images were part of it ("" if the same)
 
 
 @dataclass(frozen=True)
@@ -92,20 +91,17 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "",
-         legacy_fingerprint: str = "") -> list[Job]:
+def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "") -> list[Job]:
     """Every (backbone, fold) job of the recipe, backbone-major; ``data_fingerprint`` is the
-    training images', ``test_fingerprint`` the test images' ("" without a test set) and
-    ``legacy_fingerprint`` the one of both that keyed jobs before 2026-11 ("" without a test set)."""
+    training images', ``test_fingerprint`` the test images' ("" without a test set)."""
     folds_fp = store.fingerprint(folds)
     jobs = []
     for b in recipe.backbones:
         shaping = _shaping(b)
         for k in range(recipe.cv.folds):
-            key, legacy = (store.fingerprint(CACHE_VERSION, fp, shaping, folds_fp, recipe.seed, k) if fp else ""
-                           for fp in (data_fingerprint, legacy_fingerprint))
+            key = store.fingerprint(CACHE_VERSION, data_fingerprint, shaping, folds_fp, recipe.seed, k)
             seed = int(store.fingerprint(recipe.seed, b.alias, k), 16) % 2**31
-            jobs.append(Job(b.alias, k, b, key, seed, test_fingerprint, legacy))
+            jobs.append(Job(b.alias, k, b, key, seed, test_fingerprint))
     return jobs
 
 
@@ -224,7 +220,7 @@ def predict_test(job: Job, data: SharedData, run_dir: Path) -> str:
     except ValueError:
         device = torch.device("cpu")
     channels_last = use_channels_last(job.backbone.train, device)
-    x_test = torch.from_numpy(np.array(data.x_test))  # a writable copy
+    x_test = torch.from_numpy(data.x_test)  # fit's own array, not a worker's read-only memory map
     logits = []
     for name in store.weight_files(job.backbone.train.snapshots or 1):
         model = load_model(job.backbone, data.n_classes, x_test.shape[1], directory / name, device, channels_last,

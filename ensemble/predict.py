@@ -319,8 +319,7 @@ def read_weights(path: Path, hint: str = "restore it") -> dict[str, torch.Tensor
     """A safetensors state dict; anything else (truncated, a pickle renamed) is a RunError naming the file."""
     from safetensors.torch import load_file
 
-    if not path.is_file():
-        raise RunError(f"{path}: missing, although its job is marked done; {hint}")
+    store.require_weights_file(path, hint)
     try:
         return load_file(str(path), device="cpu")
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types

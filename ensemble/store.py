@@ -193,6 +193,12 @@ def weight_files(n_models: int) -> list[str]:
     return [f"snapshot{i}.safetensors" for i in range(n_models - 1)] + ["weights.safetensors"]
 
 
+def require_weights_file(path: Path, hint: str) -> None:
+    """RunError when a finished job's weights file is gone; ``hint`` says what to do."""
+    if not Path(path).is_file():
+        raise RunError(f"{path}: missing, although its job is marked done; {hint}")
+
+
 def write_job(directory: Path, output, meta: dict, test_key: str) -> None:
     """Write one job's files atomically; ``done.json`` goes last, naming the job's ``meta["key"]``
     and ``test_key``, the fingerprint of the test images its test logits are of ("" for none)."""
