@@ -397,9 +397,12 @@ def combine_and_report(recipe: Recipe, run_dir: Path, args: argparse.Namespace) 
     """Fit the combiners on the cached OOF logits and write metrics (and the report)."""
     evaluate(recipe, run_dir)
     if not args.no_report:
-        from .report import write_report
+        from .report import ReportError, write_report
 
-        print(f"report: {write_report(run_dir)}")
+        try:
+            print(f"report: {write_report(run_dir)}")
+        except ReportError as exc:  # the metrics are written; a job folder lost a file the plots need
+            raise store.RunError(f"the report was not written: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> int:

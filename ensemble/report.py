@@ -53,7 +53,6 @@ class Run:
     """
     path: Path
     name: str
-    date: str
     recipe_text: str
     metrics: dict
     member_names: list
@@ -69,18 +68,20 @@ class Run:
 
 # ----------------------------------------------------------------------------- reading a run
 
-def _need(path: Path, run_dir: Path) -> Path:
+def _need(path: Path, run_dir: Path, hint: str | None = None) -> Path:
+    """``path``, or a ReportError ending with ``hint`` (default: finish the run)."""
     if not path.is_file():
-        raise ReportError(f"{path} is missing: the run is incomplete; finish it with "
-                          f"`{store.fit_command(run_dir)}` (cached jobs are reused), then retry")
+        hint = hint or f"the run is incomplete; finish it with `{store.fit_command(run_dir)}` (cached jobs are " \
+                       "reused), then retry"
+        raise ReportError(f"{path} is missing: {hint}")
     return path
 
 
-def _read_json(path: Path, run_dir: Path) -> dict:
+def _read_json(path: Path, run_dir: Path, hint: str | None = None) -> dict:
     try:
-        return json.loads(_need(path, run_dir).read_text())
+        return json.loads(_need(path, run_dir, hint).read_text())
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); rerun the step that writes it") from None
+        raise ReportError(f"{path} is not valid JSON ({exc}); {hint or 'rerun the step that writes it'}") from None
 
 
 def _aliases(member_names: list) -> list:
@@ -107,8 +108,8 @@ def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
     """alias -> [epoch dicts per fold], alias -> sorted snapshot epochs (union over folds)."""
     hist, snaps = {}, {}
     for alias in aliases:
-        per_fold = [_read_json(store.job_dir(run_dir, alias, k) / "history.json", run_dir)
-                    for k in range(n_folds)]
+        folders = [store.job_dir(run_dir, alias, k) for k in range(n_folds)]
+        per_fold = [_read_json(d / "history.json", run_dir, store.retrain_hint(run_dir, d)) for d in folders]
         hist[alias] = [h.get("epochs", []) for h in per_fold]
         snaps[alias] = sorted({int(e) for h in per_fold for e in h.get("snapshot_epochs", [])})
     return hist, snaps
@@ -158,7 +159,7 @@ def load_run(run_dir) -> Run:
     if oof.shape[-1] != len(classes):
         raise ReportError(f"the members' OOF logits have {oof.shape[-1]} classes, metrics.json names "
                           f"{len(classes)}; rerun `{store.fit_command(run_dir)}`")
-    return Run(path=run_dir, name=_run_name(run_dir, recipe_text), date=_run_date(metrics_path),
+    return Run(path=run_dir, name=_run_name(run_dir, recipe_text),
                recipe_text=recipe_text, metrics=metrics, member_names=names, classes=classes,
                y=y.astype(np.int64), folds=folds.astype(np.int64),
                oof_logits=oof,
@@ -170,11 +171,6 @@ def _run_name(run_dir: Path, recipe_text: str) -> str:
         return str(tomllib.loads(recipe_text).get("name", run_dir.name))
     except tomllib.TOMLDecodeError:
         return run_dir.name
-
-
-def _run_date(metrics_path: Path) -> str:
-    ts = dt.datetime.fromtimestamp(metrics_path.stat().st_mtime, tz=dt.timezone.utc)
-    return ts.strftime("%Y-%m-%d %H:%M UTC")
 
 
 # ----------------------------------------------------------------------------- small helpers
@@ -244,7 +240,8 @@ def curves_figure(alias: str, histories: list, snapshot_epochs: list) -> Figure:
     keep = [np.isin(f["epoch"], common) for f in folds]
     panels = ((ax_loss, "loss", "cross-entropy loss (nats)"),
               (ax_acc, "acc", "accuracy (% correct)"))
-    lines = (("train", TRAIN_COLOR, "train"), ("val", HELD_OUT_COLOR, "held-out fold"))
+    lines = (("train", TRAIN_COLOR, "train (augmented batches, during the epoch)"),
+             ("val", HELD_OUT_COLOR, "held-out fold"))
     for ax, metric, ylabel in panels:
         for split, color, label in lines:
             for f in folds:
@@ -289,7 +286,9 @@ def comparison_figure(metrics: dict) -> Figure:
     axes = fig.subplots(1, 3, sharey=True)
     ypos = np.arange(n)
     for ax, (key, title, xlabel) in zip(axes, _PANELS):
-        top = max([_get(r[2], s, key) or 0.0 for r in rows for s in splits] + [1e-9])
+        values = [v for r in rows for s in splits if (v := _get(r[2], s, key)) is not None] or [1e-9]
+        # NLL has no upper bound: a hard vote's (one-hot probabilities) would flatten every other bar
+        top = 1.0 if key != "nll" else min(max(values), 2 * float(np.median(values)))
         for j, split in enumerate(splits):
             vals = [_get(r[2], split, key) for r in rows]
             colors = [(COMBINER_COLORS if r[1] == "combiner" else MEMBER_COLORS)[j] for r in rows]
@@ -297,8 +296,9 @@ def comparison_figure(metrics: dict) -> Figure:
             ax.barh(pos, [v or 0.0 for v in vals], height=bar, color=colors)
             for p, v in zip(pos, vals):
                 if v is not None:
-                    ax.text(v, p, f" {v:.3f}", va="center", fontsize=7)
-        ax.set_xlim(0, (1.0 if key != "nll" else top) * 1.16)
+                    ax.text(min(v, top), p, f" {v:.3f}" + (" (off scale)" if v > top else ""), va="center",
+                            fontsize=7)
+        ax.set_xlim(0, top * (1.16 if top == max(values) else 1.45))
         ax.set_title(title)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
@@ -404,7 +404,7 @@ def reliability_figure(run: Run) -> Figure:
     ax.set_xlim(-0.01, 1.01)
     ax.set_ylim(-0.02, 1.02)
     ax.set_ylabel("accuracy in the bin (fraction correct)")
-    ax.legend(fontsize=8, loc="upper left")
+    ax.legend(fontsize=8, loc="lower right")  # below the diagonal: the corner curves rarely reach
     ax.grid(alpha=0.3)
     ax_n.set_xlabel("top-1 confidence (predicted probability of the chosen class)")
     ax_n.set_ylabel("share of rows")
@@ -467,7 +467,9 @@ def ensemble_size_figure(run: Run) -> Figure:
     else:
         acc = [_get(m["members"].get(n, {}), "oof", "accuracy") or -1.0 for n in run.member_names]
         order = [int(i) for i in np.argsort(acc)[::-1]]
-        how = "members ordered by OOF accuracy:\ncombiners/weighted.json has no greedy selection order"
+        why = ("combiners/weighted.json has no greedy selection order" if "weighted" in m.get("combiners", {})
+               else "the run has no weighted combiner")
+        how = f"members ordered by OOF accuracy:\n{why}"
     curve = size_curve(run.oof_logits, run.y, order)
     n = len(order)
     fig = _figure(float(np.clip(0.32 * n + 4.0, 8, 24)), 6.0)
@@ -485,12 +487,12 @@ def ensemble_size_figure(run: Run) -> Figure:
             ax.axhline(value, color=color, ls=ls, lw=1.3, label=label)
     if run.order and run.best_size:
         ax.axvline(run.best_size, color="C2", ls="-.", lw=1.3,
-                   label=f"rounds kept by the weighted combiner ({run.best_size})")
+                   label=f"rounds kept by the weighted combiner ({run.best_size}, the lowest OOF NLL)")
     short = dict(zip(run.member_names, _shorts(run.member_names)))
     labels = [f"{step}: {short[run.member_names[i]]}" for step, i in enumerate(order, start=1)]
     ax.set_xticks(np.arange(1, n + 1), labels=labels, rotation=90,
                   fontsize=_fontsize(n, 0.32 * n, largest=9))
-    ax.yaxis.set_major_formatter(PercentFormatter(1.0, decimals=1))
+    ax.yaxis.set_major_formatter(PercentFormatter(1.0))  # decimals from the view: one label per gridline
     ax.set_ylim(top=min(ax.get_ylim()[1], 1.005))  # autoscale's margin would show accuracies above 100%
     ax.set_xlabel("ensemble size n (member added at step n)")
     ax.set_ylabel("OOF accuracy (% correct)")
@@ -537,7 +539,9 @@ def _caption(run: Run, name: str) -> str:
     for alias, epochs in run.snapshot_epochs.items():
         if name == f"curves_{_file_safe(alias)}.png":
             snapshots = "; dashed = a snapshot kept (cycle end)" if epochs else ""
-            return f"Learning curves of {alias}: one thin line per fold, bold = mean over folds{snapshots}."
+            return (f"Learning curves of {alias}: one thin line per fold, bold = mean over folds{snapshots}. "
+                    "Train scores are running means over the epoch's augmented batches while the weights "
+                    "change, so they can sit below the held-out fold's, scored after the epoch.")
     return _CAPTIONS.get(name, name)
 
 
@@ -556,7 +560,8 @@ def metrics_table(metrics: dict) -> str:
     head = "<tr>" + "".join(f"<th>{h}</th>" for h in (
         "name", "kind", "split", "accuracy", "macro F1", "NLL", "ECE")) + "</tr>"
     body = []
-    for name, kind, splits in _table_rows(metrics):
+    ordered = sorted(_table_rows(metrics), key=lambda r: (r[1] != "member", -(_get(r[2], "oof", "accuracy") or -1.0)))
+    for name, kind, splits in ordered:  # as fit's table: members, then combiners, each by OOF accuracy
         for split, vals in splits.items():
             if not isinstance(vals, dict):
                 continue
@@ -588,7 +593,7 @@ def render_html(run: Run, pngs: dict) -> str:
     return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
             f"<title>{title}: ensemble report</title><style>{_CSS}</style></head><body>\n"
             f"<h1>{title}</h1>\n"
-            f"<p>Run folder <code>{html.escape(str(run.path))}</code>, metrics written {run.date}; "
+            f"<p>Run folder <code>{html.escape(str(run.path))}</code>; "
             f"{len(run.y)} training images (OOF rows), {len(run.classes)} classes: "
             f"{html.escape(store.class_list(run.classes))}; "
             f"report generated {now}. Best combiner (nested OOF accuracy): "

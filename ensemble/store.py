@@ -117,20 +117,25 @@ def require_run_folder(run_dir: Path) -> None:
                        "wrote, e.g. outputs/<recipe name>")
 
 
-def read_npy(path: Path) -> np.ndarray:
+COMPLETE = "run `python -m ensemble.fit` to complete the run"
+
+
+def read_npy(path: Path, hint: str | None = None) -> np.ndarray:
+    """The array at ``path``; a RunError ending with ``hint`` (what to do) when it is missing (default:
+    complete the run) or unreadable."""
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise RunError(f"{path}: missing; run `python -m ensemble.fit` to complete the run") from None
+        raise RunError(f"{path}: missing; {hint or COMPLETE}") from None
     except (ValueError, OSError, EOFError) as exc:
-        raise RunError(f"{path}: not a readable numpy array ({exc})") from None
+        raise RunError(f"{path}: not a readable numpy array ({exc})" + (f"; {hint}" if hint else "")) from None
 
 
 def read_json(path: Path):
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise RunError(f"{path}: missing; run `python -m ensemble.fit` to complete the run") from None
+        raise RunError(f"{path}: missing; {COMPLETE}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise RunError(f"{path}: not valid JSON ({exc})") from None
 
@@ -266,12 +271,10 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             if y_test is not None and test_key is not None and test_key_of(d) != test_key:  # None: before 2026-11
                 raise RunError(f"{d}: its test logits are not of the run's test images; complete the run with "
                                f"`{fit_command(run_dir)}`")
-            try:
-                fold_oof.append(read_npy(d / "oof_logits.npy"))
-                if y_test is not None:
-                    fold_test.append(read_npy(d / "test_logits.npy"))
-            except RunError as exc:  # damaged after the job finished (writes are atomic)
-                raise RunError(f"{exc}; {retrain_hint(run_dir, d)}") from None
+            hint = retrain_hint(run_dir, d)  # damaged or deleted after the job finished (writes are atomic)
+            fold_oof.append(read_npy(d / "oof_logits.npy", hint))
+            if y_test is not None:
+                fold_test.append(read_npy(d / "test_logits.npy", hint))
         s, c = fold_oof[0].shape[0], fold_oof[0].shape[-1]
         full = np.empty((s, len(y), c), dtype=np.float32)
         for fold, part in enumerate(fold_oof):

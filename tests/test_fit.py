@@ -436,6 +436,20 @@ def test_a_damaged_cached_logits_file_names_the_job_to_retrain(tmp_path, capsys,
     assert err.startswith("error: ") and err.count("\n") == 1 and "to retrain that job" in err
 
 
+def test_a_report_that_cannot_be_written_is_a_one_line_error_naming_the_job(tmp_path, capsys, monkeypatch):
+    from run_fixture import make_run
+
+    run = make_run(tmp_path)
+    lost = run / "members" / "snap_resnet18" / "fold2" / "history.json"
+    lost.unlink()  # done.json stays: the job counts as finished, so fit never writes the file again
+    monkeypatch.setattr(fit, "evaluate", lambda recipe, run_dir: None)  # the metrics of the run are written
+    monkeypatch.setattr(fit, "run", lambda args: fit.combine_and_report(None, run, args))
+    assert fit.main([str(tmp_path / "any.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the report was not written: ") and err.count("\n") == 1
+    assert f"delete {lost.parent} and run" in err
+
+
 def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tmp_path, session_cache, capsys,
                                                                                monkeypatch):
     """The test images shape no weights: a test set added or changed keeps every job and gives it the

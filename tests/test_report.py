@@ -153,6 +153,44 @@ def test_greedy_order_is_read_from_weighted_json(tmp_path, state, order, size):
     assert ("greedy-selection order" in title) == (order is not None)
 
 
+def test_ensemble_size_title_says_when_the_run_has_no_weighted_combiner(tmp_path):
+    run = make_run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    del metrics["combiners"]["weighted"]
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    (run / "combiners" / "weighted.json").unlink()
+    title = report.ensemble_size_figure(load_run(run)).axes[0].get_title()
+    assert "the run has no weighted combiner" in title and "weighted.json" not in title
+
+
+def test_ensemble_size_percent_labels_are_distinct_on_a_narrow_range(small_report):
+    fig = report.ensemble_size_figure(load_run(small_report[0]))
+    ax = fig.axes[0]
+    ax.set_ylim(0.9720, 0.9752)  # gridlines 0.05 points apart: one decimal would repeat labels
+    fig.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels() if 0.9720 <= t.get_position()[1] <= 0.9752]
+    assert len(labels) >= 4 and len(set(labels)) == len(labels), labels
+
+
+def test_a_hard_votes_nll_does_not_flatten_the_nll_panel(tmp_path):
+    run = make_run(tmp_path)
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["combiners"]["vote"]["oof"]["nll"] = 9.5  # one-hot probabilities: a huge log-loss
+    nlls = [s["oof"]["nll"] for kind in ("members", "combiners") for n, s in metrics[kind].items() if n != "vote"]
+    nll_panel = report.comparison_figure(metrics).axes[2]
+    assert max(nlls) < nll_panel.get_xlim()[1] < 9.5
+    assert any(t.get_text().strip() == "9.500 (off scale)" for t in nll_panel.texts)
+
+
+def test_the_metrics_table_lists_members_then_combiners_by_oof_accuracy(small_report):
+    metrics = json.loads((small_report[0] / "metrics.json").read_text())
+    names = re.findall(r"<tr(?: class=\"best\")?><td>([^<]+)</td><td>(member|combiner)</td><td>oof</td>",
+                       report.metrics_table(metrics))
+    assert len(names) == len(metrics["members"]) + len(metrics["combiners"])
+    keys = [(kind != "member", -metrics[kind + "s"][name]["oof"]["accuracy"]) for name, kind in names]
+    assert keys == sorted(keys)
+
+
 def test_reliability_draws_best_member_combiner_and_ts_variants(small_report):
     run, _ = small_report
     loaded = load_run(run)
@@ -280,8 +318,11 @@ def test_missing_file_is_named(tmp_path, missing):
     (run / missing).unlink()
     with pytest.raises(ReportError, match=re.escape(missing)) as info:
         write_report(run)
-    if missing not in ("recipe.toml", "members/convnext_nano/fold1/oof_logits.npy"):  # no run / the store's reader
+    if missing != "recipe.toml":  # no run
         assert f"python -m ensemble.fit {run / 'recipe.toml'} --out {run}" in str(info.value)
+    if missing.startswith("members/"):  # a finished job lost a file: only retraining it brings the file back
+        assert f"delete {(run / missing).parent} and run" in str(info.value)
+        assert "complete the run" not in str(info.value)
 
 
 @pytest.mark.parametrize("damage, message", [
