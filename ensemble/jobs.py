@@ -16,6 +16,7 @@ import hashlib
 import os
 import platform
 import signal
+import socket
 import sys
 import threading
 import time
@@ -438,6 +439,21 @@ def _sigint_ignored() -> Iterator[None]:
         signal.signal(signal.SIGINT, previous)
 
 
+def _check_ray_address(address: str | None) -> None:
+    """ClusterError when nothing answers at a Ray head's HOST:PORT: ``ray.init`` would retry it
+    for ever, logging every 30 s."""
+    if not address or address in ("auto", "local"):
+        return
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"--address {address!r}: give the Ray head as HOST:PORT (e.g. 10.0.0.5:6379) or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=10).close()
+    except OSError as exc:
+        raise ClusterError(f"cannot connect to the Ray cluster {address}: nothing answers at {host}:{port} "
+                           f"({exc.strerror or exc})") from None
+
+
 @contextlib.contextmanager
 def cluster(backend: str = "loky", scheduler: str | None = None, address: str | None = None):
     """Connect joblib to a Dask or Ray cluster for the duration of the block.
@@ -461,6 +477,7 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
             print(f"dask: {client.dashboard_link}", file=sys.stderr)
             yield
     elif backend == "ray":
+        _check_ray_address(address)
         import ray
         from ray.util.joblib import register_ray
 

@@ -176,6 +176,23 @@ def test_unreachable_dask_scheduler_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # connected before the run folder is written
 
 
+def test_unreachable_ray_head_is_one_line_not_endless_retries(tmp_path, capsys):
+    recipe = tmp_path / "tiny_parallel.toml"
+    recipe.write_text(TINY_RECIPE)
+    code = fit.main([str(recipe), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--quiet",
+                     "--backend", "ray", "--address", "127.0.0.1:1"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: cannot connect to the Ray cluster 127.0.0.1:1: nothing answers at ")
+    assert err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("address", ["10.0.0.5", "head:port", ":6379"])
+def test_a_ray_address_without_host_and_port_is_refused(address):
+    with pytest.raises(jobs.ClusterError, match="give the Ray head as HOST:PORT"):
+        jobs._check_ray_address(address)
+
+
 def test_ray_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
     ray = pytest.importorskip("ray")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
