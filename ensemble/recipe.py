@@ -9,6 +9,7 @@ dotted key: ``digits_5fold.toml: train.lr must be > 0, got -0.1``.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import difflib
 import math
 import os
@@ -155,14 +156,27 @@ def _convert(value: Any, tp, key: str, fail) -> Any:
             raise fail(f"must be a table, got {value!r}")
         return dict(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
-        hint = ""
-        if tp is str and isinstance(value, int | float):  # --set data.path=2024 reads a number
-            dotted = re.sub(r"\[(\d+)\]", r".\1", key)
-            hint = f"""; with --set, quote it: --set '{dotted}="{value}"'"""
-        raise fail(f"must be {_type_name(tp)}, got {value!r}{hint}")
+        raise fail(f"must be {_type_name(tp)}, got {value!r}{_spelling_hint(value, tp, key)}")
     if tp is float and not math.isfinite(value):
         raise fail(f"must be a finite number, got {value!r}")
     return value
+
+
+def _spelling_hint(value: Any, tp: type, key: str) -> str:
+    """How to write ``value`` as a ``tp`` where TOML read it as another type (``--set data.path=2024``
+    is a number, ``--set name=2024-01-01`` a date, ``--set train.lr=.05`` text)."""
+    if tp is str and isinstance(value, bool | int | float | dt.date | dt.time):
+        text = str(value).lower() if isinstance(value, bool) else \
+            value.isoformat() if isinstance(value, dt.date | dt.time) else str(value)
+        dotted = re.sub(r"\[(\d+)\]", r".\1", key)
+        return f"""; with --set, quote it: --set '{dotted}="{text}"'"""
+    if tp in (int, float) and isinstance(value, str):
+        try:
+            number = tp(value.strip())
+        except ValueError:
+            return ""
+        return f"; TOML does not read {value!r} as a number: write {number!r}"
+    return ""
 
 
 def _build(cls, table: Any, prefix: str, where: str, extra: dict | None = None):
@@ -218,7 +232,8 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
         unknown = [k for k in item if k not in train_keys and k not in own_keys]
         if unknown:
             close = difflib.get_close_matches(unknown[0], own_keys + sorted(train_keys), n=1)
-            hint = (f"did you mean '{close[0]}'?" if close
+            hint = (f"[train] keys go on the backbone itself, e.g. {prefix}lr" if unknown[0] == "train"
+                    else f"did you mean '{close[0]}'?" if close
                     else f"valid keys: {', '.join(own_keys)}, or any [train] key")
             raise RecipeError(f"{where}: {prefix}{unknown[0]} is not a known key; {hint}")
         overrides = {k: v for k, v in item.items() if k in train_keys}
@@ -277,6 +292,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise RecipeError(f"--set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        raise RecipeError(f"--set {text!r}: the key {key.strip()!r} has an empty part; e.g. --set train.epochs=10")
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:

@@ -65,6 +65,13 @@ BAD_OVERRIDES = [
     (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
     (["backbones=[]"], "backbones must be a non-empty list"),
     (["train.epochs"], "--set expects key=value, got 'train.epochs'"),
+    # the quoting hint spells the value as it was typed, in TOML
+    (["data.source='folder'", "data.path=true"], """data.path must be a string, got True; with --set, quote it: --set 'data.path="true"'"""),
+    (["name=2024-01-01"], """name must be a string, got datetime.date(2024, 1, 1); with --set, quote it: --set 'name="2024-01-01"'"""),
+    (["train.lr=.05"], "train.lr must be a number, got '.05'; TOML does not read '.05' as a number: write 0.05"),
+    (["train.epochs=010"], "train.epochs must be an integer, got '010'; TOML does not read '010' as a number: write 10"),
+    ([".train.epochs=1"], "--set '.train.epochs=1': the key '.train.epochs' has an empty part"),
+    (["backbones.0.train.lr=0.1"], "backbones[0].train is not a known key; [train] keys go on the backbone itself, e.g. backbones[0].lr"),
 ]
 
 
