@@ -334,7 +334,11 @@ def _cached(
         except DataError:
             _warn_notes(notes)  # a note may explain the error: a tree of .heic files has "no images"
             raise
-        _write_cache(folder, key, train, test, notes)
+        try:
+            _write_cache(folder, key, train, test, notes)
+        except OSError as exc:  # a read-only or full disk: the images are decoded, only the next run is slower
+            note = f"the decoded images could not be cached in {cache_dir} ({exc.strerror or exc})"
+            _warn_notes([note + "; the next run decodes them again"])
     _warn_notes(notes)
     return train, test
 

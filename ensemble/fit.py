@@ -183,7 +183,15 @@ def _reason(exc: Exception) -> str:
 def check_out(run_dir: Path, recipe: Recipe) -> str | None:
     """The text of the run's previous ``recipe.toml`` (None for a new run); refuses an output
     folder that holds another recipe's run, which fit would mix with this one, or other files,
-    which it could delete."""
+    which it could delete, one it cannot write to and one inside the images it reads."""
+    why = store.unwritable(run_dir)
+    if why:
+        raise RecipeError(f"--out {run_dir}: {why}; give a folder fit can write to")
+    for key in ("path", "test_path"):
+        images = getattr(recipe.data, key)
+        if images and run_dir.resolve().is_relative_to(Path(images).resolve()):
+            raise RecipeError(f"--out {run_dir} is inside data.{key} ({images}): its files would be read as "
+                              "images on the next run; give a folder outside it")
     try:
         previous = (run_dir / "recipe.toml").read_text()
     except FileNotFoundError:
@@ -411,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args)
     except (RecipeError, store.RunError) as exc:  # a bad recipe, a damaged run folder
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a folder that takes no files, a full disk
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}; finished jobs are kept", file=sys.stderr)
         return 2
     except jobs_mod.ClusterError as exc:
         print(f"error: {' '.join(str(exc).split())}; finished jobs are kept", file=sys.stderr)

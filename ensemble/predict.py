@@ -18,6 +18,7 @@ import argparse
 import csv
 import io
 import os
+import re
 import sys
 import tarfile
 import time
@@ -548,7 +549,10 @@ def write_csv(path: Path, paths: list[str], proba: np.ndarray, classes, labels: 
         if labels is not None:
             row.append(classes[labels[i]] if labels[i] >= 0 else "")
         w.writerow(row)
-    store.write_text(path, buf.getvalue())
+    try:
+        store.write_text(path, buf.getvalue())
+    except OSError as exc:  # a full or read-only disk, a folder that takes no files
+        raise RunError(f"cannot write --out {path}: {exc.strerror or exc}") from None
 
 
 def metrics_path(csv_path: Path) -> Path:
@@ -615,8 +619,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("give at least one INPUT (or --members to list what the run holds)")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+        p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give a CSV file name, e.g. {args.out / 'preds.csv'}")
+    if args.out.exists() and not args.out.is_file():
+        p.error(f"--out {args.out} is not a regular file (a device or a pipe); give a CSV file name")
+    why = store.unwritable(args.out.parent)
+    if why:
+        p.error(f"--out {args.out}: {why}")
+    out = args.out.resolve()
+    if out.is_relative_to(args.run.resolve()):
+        p.error(f"--out {args.out} is inside the run folder {args.run}; write the predictions elsewhere")
+    if any(out == Path(i).resolve() for i in args.inputs):
+        p.error(f"--out {args.out} is one of the INPUTs; give another CSV file name")
     return args
 
 

@@ -120,6 +120,18 @@ def require_run_folder(run_dir: Path) -> None:
 COMPLETE = "run `python -m ensemble.fit` to complete the run"
 
 
+def unwritable(folder: Path) -> str | None:
+    """Why files cannot be created in ``folder`` (made first if missing), or None where they can."""
+    p = Path(folder).absolute()
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        return f"{p} is a file, not a folder"
+    if not os.access(p, os.W_OK | os.X_OK):
+        return f"{p} is not writable"
+    return None
+
+
 def read_npy(path: Path, hint: str | None = None) -> np.ndarray:
     """The array at ``path``; a RunError ending with ``hint`` (what to do) when it is missing (default:
     complete the run) or unreadable."""

@@ -284,6 +284,13 @@ def test_second_load_uses_the_cache_and_a_changed_file_does_not(tmp_path, monkey
         load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
 
 
+def test_a_cache_that_cannot_be_written_is_a_note_and_the_images_load(tmp_path):
+    (tmp_path / "file").write_bytes(b"x")  # the cache folder would have to be made under a file
+    with pytest.warns(data.DataNote, match="could not be cached in .*; the next run decodes them again"):
+        ds = load(tmp_path / "file" / "cache")
+    assert len(ds.train.y) == len(load(tmp_path / "cache").train.y) > 0
+
+
 def test_damaged_cache_is_rebuilt(tmp_path):
     first = load(tmp_path / "cache")
     (entry,) = (tmp_path / "cache").iterdir()

@@ -450,6 +450,16 @@ def test_a_report_that_cannot_be_written_is_a_one_line_error_naming_the_job(tmp_
     assert f"delete {lost.parent} and run" in err
 
 
+def test_a_folder_that_takes_no_files_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def no_space(args):
+        raise OSError(28, "No space left on device", "/runs/x/members/a/fold0/oof_logits.npy")
+
+    monkeypatch.setattr(fit, "run", no_space)
+    assert fit.main([str(tmp_path / "any.toml")]) == 2
+    assert capsys.readouterr().err == ("error: /runs/x/members/a/fold0/oof_logits.npy: No space left on device; "
+                                       "finished jobs are kept\n")
+
+
 def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tmp_path, session_cache, capsys,
                                                                                monkeypatch):
     """The test images shape no weights: a test set added or changed keeps every job and gives it the

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from ensemble import fit, predict
+from ensemble import fit, predict, store
 from ensemble.data import load_dataset
 from ensemble.recipe import load as load_recipe
 from ensemble.store import RunError
@@ -442,6 +442,8 @@ USAGE = [
     ("unknown tta", ["x.png", "--tta", "rotate"], "invalid choice"),
     ("bad batch size", ["x.png", "--batch-size", "0"], "--batch-size must be >= 1"),
     ("out is a folder", ["x.png", "--out", "."], "--out . is a folder; give a CSV file name"),
+    ("out is a device", ["x.png", "--out", "/dev/null"], "--out /dev/null is not a regular file"),
+    ("unknown device", ["x.png", "--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
     ("unknown method", ["x.png", "--method", "averaging"], "unknown combiner 'averaging'"),
     ("method not fitted", ["x.png", "--method", "vote"], "was not fitted for this run"),
 ]
@@ -451,6 +453,27 @@ USAGE = [
 def test_usage_errors_exit_2(base, capsys, case, argv, message):
     rc, _, err = call([base["run"], *argv], capsys)
     assert rc == 2 and message in err
+
+
+@pytest.mark.parametrize("out, message", [
+    (lambda run, image: run / "recipe.toml", "is inside the run folder"),
+    (lambda run, image: image, "is one of the INPUTs"),
+    (lambda run, image: image / "p.csv", "is a file, not a folder"),
+])
+def test_out_that_would_destroy_a_file_is_refused(base, capsys, good_image, out, message):
+    before = {p: p.read_bytes() for p in (base["run"] / "recipe.toml", good_image)}
+    rc, _, err = call([base["run"], good_image, "--out", out(base["run"], good_image)], capsys)
+    assert rc == 2 and message in err
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_an_unwritable_out_is_one_line(base, capsys, good_image, monkeypatch):
+    def full_disk(path, text):
+        raise OSError(28, "No space left on device", str(path) + ".tmp")
+
+    monkeypatch.setattr(store, "write_text", full_disk)
+    rc, _, err = call([base["run"], good_image, "--out", "/tmp/never/p.csv", "--quiet"], capsys)
+    assert rc == 2 and err == "error: cannot write --out /tmp/never/p.csv: No space left on device\n"
 
 
 def test_not_a_run_folder(tmp_path, capsys, good_image):

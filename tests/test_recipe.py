@@ -146,6 +146,23 @@ def test_out_holding_other_files_is_refused_and_left_alone(tmp_path, capsys):
     assert (folder / "report" / "chapter1.txt").read_text() == "mine" and (folder / "metrics.json").read_text() == "{}"
 
 
+def test_out_under_a_file_is_refused(tmp_path, capsys):
+    (tmp_path / "data.tar.gz").write_bytes(b"x")
+    assert fit.main([str(DIGITS), "--out", str(tmp_path / "data.tar.gz" / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'data.tar.gz'} is a file, not a folder" in err and err.count("\n") == 1
+
+
+def test_out_inside_the_training_images_is_refused(tmp_path, capsys):
+    """The run's own files (report PNGs, a class folder per member) would be read as images next time."""
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    args = [str(DIGITS), "--set", "data.source='folder'", "--set", f"data.path='{tmp_path / 'images'}'",
+            "--out", str(tmp_path / "images" / "run"), "--quiet"]
+    assert fit.main(args) == 2
+    assert "is inside data.path" in capsys.readouterr().err
+    assert not (tmp_path / "images" / "run").exists()
+
+
 def test_the_recipe_names_every_meta_learner_the_combiners_know():
     from ensemble import combiners
 
