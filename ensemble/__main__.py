@@ -12,5 +12,6 @@ USAGE = """usage: python -m ensemble.<command> ...
 each takes --help; start with: python -m ensemble.fit recipes/digits_5fold.toml"""
 
 if __name__ == "__main__":
-    print(USAGE, file=sys.stderr)
-    sys.exit(2)
+    asked = sys.argv[1:] in (["--help"], ["-h"])  # asked for help: on stdout, status 0
+    print(USAGE, file=sys.stdout if asked else sys.stderr)
+    sys.exit(0 if asked else 2)

@@ -205,7 +205,7 @@ def load_method(run: Run, method: str | None) -> tuple[str, comb.Combiner, list[
             f"{run.dir}: no fitted combiner (combiners/index.json is missing or empty): the run is "
             f"unfinished; complete it with `{fit_command(run.dir)}`"
         )
-    name = method or run.best
+    name = run.best if method is None else method
     if name not in run.combiners:
         raise RunError(_not_fitted_message(run, name))
     entry = run.combiners[name]
@@ -617,6 +617,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.members and not args.inputs:
         p.error("give at least one INPUT (or --members to list what the run holds)")
+    if args.members and (args.inputs or args.method is not None):
+        p.error("--members lists what the run holds and predicts nothing; give it without INPUT and --method")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):

@@ -109,7 +109,8 @@ class WeightedConfig:
 @dataclass(frozen=True)
 class EnsembleConfig:
     combiners: tuple[str, ...] = field(default=("vote", "mean", "weighted", "stacking"),
-                                       metadata=_check(lambda v: len(v) > 0, "a non-empty list"))
+                                       metadata=_check(lambda v: 0 < len(v) == len(set(v)),
+                                                       "a non-empty list, each combiner once"))
     members: str = field(default="final", metadata=_choice("final", "snapshots"))
     calibrate: bool = False
     weighted: WeightedConfig = WeightedConfig()

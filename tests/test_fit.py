@@ -396,6 +396,8 @@ def test_python_m_ensemble_names_the_commands():
     assert done.returncode == 2
     for command in ("ensemble.fit RECIPE", "ensemble.predict RUN", "ensemble.report RUN", "ensemble.bench"):
         assert f"python -m {command}" in done.stderr
+    asked = subprocess.run([sys.executable, "-m", "ensemble", "--help"], capture_output=True, text=True, timeout=60)
+    assert asked.returncode == 0 and asked.stdout == done.stderr and not asked.stderr
 
 
 def test_a_combiner_refused_after_training_is_one_line_and_keeps_the_members(tmp_path):

@@ -445,6 +445,8 @@ USAGE = [
     ("out is a device", ["x.png", "--out", "/dev/null"], "--out /dev/null is not a regular file"),
     ("unknown device", ["x.png", "--device", "mps"], "--device must be auto, cpu, cuda or cuda:N, got 'mps'"),
     ("unknown method", ["x.png", "--method", "averaging"], "unknown combiner 'averaging'"),
+    ("empty method", ["x.png", "--method", ""], "unknown combiner ''"),
+    ("members with inputs", ["x.png", "--members"], "--members lists what the run holds and predicts nothing"),
     ("method not fitted", ["x.png", "--method", "vote"], "was not fitted for this run"),
 ]
 

@@ -64,6 +64,7 @@ BAD_OVERRIDES = [
     (["backbones.0.augment.0='flip'"], "--set backbones.0.augment.0: backbones.0.augment is not written in the recipe"),
     (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
     (["backbones=[]"], "backbones must be a non-empty list"),
+    (["ensemble.combiners=['mean','mean']"], "ensemble.combiners must be a non-empty list, each combiner once, got ('mean', 'mean')"),
     (["train.epochs"], "--set expects key=value, got 'train.epochs'"),
     # the quoting hint spells the value as it was typed, in TOML
     (["data.source='folder'", "data.path=true"], """data.path must be a string, got True; with --set, quote it: --set 'data.path="true"'"""),
