@@ -598,7 +598,10 @@ def render_html(run: Run, pngs: dict) -> str:
             f"{html.escape(store.class_list(run.classes))}; "
             f"report generated {now}. Best combiner (nested OOF accuracy): "
             f"<b>{html.escape(str(run.metrics.get('best')))}</b>.</p>\n"
-            f"<h2>Metrics</h2>\n{metrics_table(run.metrics)}\n<h2>Plots</h2>\n{figures}\n"
+            f"<h2>Metrics</h2>\n<p>Split <code>oof</code>: a member's row is predicted by the one fold model "
+            f"that did not train on it; a combiner's by nested cross-validation (fitted without that row's "
+            f"fold). Split <code>test</code>: the test set, which nothing trained or chose on.</p>\n"
+            f"{metrics_table(run.metrics)}\n<h2>Plots</h2>\n{figures}\n"
             f"<h2>Recipe</h2>\n<pre>{html.escape(run.recipe_text)}</pre>\n</body></html>\n")
 
 

@@ -85,6 +85,7 @@ def test_html_is_self_contained_and_complete(small_report):
     assert "&lt;escaped &amp; shown&gt;" in page          # the recipe is escaped in <pre>
     assert "<pre>" in page and "synthetic_run" in page
     assert "200 training images (OOF rows), 4 classes: class_0, class_1, class_2, class_3;" in page
+    assert "a combiner's by nested cross-validation" in page[:page.index("<table>")]  # what oof means, per kind
     captions = dict(re.findall(r"<figcaption><code>curves_(\w+)\.png</code>: ([^<]*)</figcaption>", page))
     assert "snapshot" in captions["snap_resnet18"] and "snapshot" not in captions["convnext_nano"], captions
 
