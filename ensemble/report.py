@@ -286,9 +286,9 @@ def comparison_figure(metrics: dict) -> Figure:
     axes = fig.subplots(1, 3, sharey=True)
     ypos = np.arange(n)
     for ax, (key, title, xlabel) in zip(axes, _PANELS):
-        values = [v for r in rows for s in splits if (v := _get(r[2], s, key)) is not None] or [1e-9]
-        # NLL has no upper bound: a hard vote's (one-hot probabilities) would flatten every other bar
-        top = 1.0 if key != "nll" else min(max(values), 2 * float(np.median(values)))
+        # NLL has no upper bound: a hard vote's (near one-hot probabilities) would flatten every other bar
+        scaled = [r for r in rows if key != "nll" or not r[0].startswith("vote")] or rows
+        top = 1.0 if key != "nll" else max([_get(r[2], s, key) or 0.0 for r in scaled for s in splits] + [1e-9])
         for j, split in enumerate(splits):
             vals = [_get(r[2], split, key) for r in rows]
             colors = [(COMBINER_COLORS if r[1] == "combiner" else MEMBER_COLORS)[j] for r in rows]
@@ -298,7 +298,8 @@ def comparison_figure(metrics: dict) -> Figure:
                 if v is not None:
                     ax.text(min(v, top), p, f" {v:.3f}" + (" (off scale)" if v > top else ""), va="center",
                             fontsize=7)
-        ax.set_xlim(0, top * (1.16 if top == max(values) else 1.45))
+        off_scale = any((_get(r[2], s, key) or 0.0) > top for r in rows for s in splits)
+        ax.set_xlim(0, top * (1.45 if off_scale else 1.16))
         ax.set_title(title)
         ax.set_xlabel(xlabel, fontsize=9)
         ax.grid(axis="x", alpha=0.3)
