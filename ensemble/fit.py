@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import os
 import shutil
 import sys
@@ -252,9 +251,9 @@ def keyed_before_2026_11(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarr
 def say_why_all_retrain(run_dir: Path, dataset) -> None:
     """A note when the run's training images changed since it last trained (every job retrains)."""
     try:
-        info = json.loads((run_dir / "data.json").read_text())
+        info = store.read_json(run_dir / "data.json")
         old, channels = info["fingerprint"], int(info["channels"])
-    except (OSError, ValueError, TypeError, KeyError):
+    except (store.RunError, ValueError, TypeError, KeyError):
         return
     if old in (dataset.fingerprint, dataset.legacy_fingerprint):
         return

@@ -18,7 +18,6 @@ import argparse
 import csv
 import io
 import os
-import re
 import sys
 import tarfile
 import time
@@ -47,7 +46,7 @@ from .data import (
 )
 from .evaluate import SCALARS, split_metrics
 from .progress import bar as progress_bar
-from .recipe import BackboneConfig, Recipe, RecipeError, from_dict
+from .recipe import BackboneConfig, Recipe, RecipeError, from_dict, is_device
 from .store import RunError, fit_command
 from .train import infer, resolve_device, use_channels_last
 
@@ -621,7 +620,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--members lists what the run holds and predicts nothing; give it without INPUT and --method")
     if args.batch_size < 1:
         p.error(f"--batch-size must be >= 1, got {args.batch_size}")
-    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", args.device):
+    if not is_device(args.device):
         p.error(f"--device must be auto, cpu, cuda or cuda:N, got {args.device!r}")
     if args.out.is_dir():
         p.error(f"--out {args.out} is a folder; give a CSV file name, e.g. {args.out / 'preds.csv'}")

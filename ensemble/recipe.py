@@ -34,6 +34,11 @@ SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "f
 META_LEARNERS = ("logistic", "random_forest", "extra_trees", "gradient_boosting", "knn")  # combiners.META_LEARNERS
 
 
+def is_device(name: str) -> bool:
+    """Whether ``name`` is a device fit and predict take: auto, cpu, cuda or cuda:N."""
+    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
 def _check(test, expected: str) -> dict:
     """Field metadata: ``test(value)`` must hold; ``expected`` says what was expected."""
     return {"check": test, "expected": expected}
@@ -80,7 +85,7 @@ class TrainConfig:
     snapshots: int = field(default=0, metadata=_check(lambda v: v == 0 or v >= 2, "0 or >= 2"))
     device: str = field(
         default="auto",
-        metadata=_check(lambda v: re.fullmatch(r"auto|cpu|cuda(:\d+)?", v) is not None, "auto | cpu | cuda | cuda:N"),
+        metadata=_check(is_device, "auto | cpu | cuda | cuda:N"),
     )
     channels_last: bool = True
     compile: bool = False

@@ -17,7 +17,9 @@ import io
 import json
 import re
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import matplotlib
@@ -68,20 +70,21 @@ class Run:
 
 # ----------------------------------------------------------------------------- reading a run
 
-def _need(path: Path, run_dir: Path, hint: str | None = None) -> Path:
-    """``path``, or a ReportError ending with ``hint`` (default: finish the run)."""
+def _need(path: Path, run_dir: Path, hint: Callable[[], str] | None = None) -> Path:
+    """``path``, or a ReportError ending with ``hint()`` (default: finish the run)."""
     if not path.is_file():
-        hint = hint or f"the run is incomplete; finish it with `{store.fit_command(run_dir)}` (cached jobs are " \
-                       "reused), then retry"
-        raise ReportError(f"{path} is missing: {hint}")
+        what = hint() if hint else (f"the run is incomplete; finish it with `{store.fit_command(run_dir)}` "
+                                    "(cached jobs are reused), then retry")
+        raise ReportError(f"{path} is missing: {what}")
     return path
 
 
-def _read_json(path: Path, run_dir: Path, hint: str | None = None) -> dict:
+def _read_json(path: Path, run_dir: Path, hint: Callable[[], str] | None = None) -> dict:
     try:
         return json.loads(_need(path, run_dir, hint).read_text())
     except json.JSONDecodeError as exc:
-        raise ReportError(f"{path} is not valid JSON ({exc}); {hint or 'rerun the step that writes it'}") from None
+        what = hint() if hint else "rerun the step that writes it"
+        raise ReportError(f"{path} is not valid JSON ({exc}); {what}") from None
 
 
 def _aliases(member_names: list) -> list:
@@ -109,7 +112,7 @@ def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
     hist, snaps = {}, {}
     for alias in aliases:
         folders = [store.job_dir(run_dir, alias, k) for k in range(n_folds)]
-        per_fold = [_read_json(d / "history.json", run_dir, store.retrain_hint(run_dir, d)) for d in folders]
+        per_fold = [_read_json(d / "history.json", run_dir, partial(store.retrain_hint, run_dir, d)) for d in folders]
         hist[alias] = [h.get("epochs", []) for h in per_fold]
         snaps[alias] = sorted({int(e) for h in per_fold for e in h.get("snapshot_epochs", [])})
     return hist, snaps

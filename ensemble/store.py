@@ -25,6 +25,7 @@ import re
 import shlex
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from typing import BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
@@ -132,15 +133,15 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
-def read_npy(path: Path, hint: str | None = None) -> np.ndarray:
-    """The array at ``path``; a RunError ending with ``hint`` (what to do) when it is missing (default:
-    complete the run) or unreadable."""
+def read_npy(path: Path, hint: Callable[[], str] | None = None) -> np.ndarray:
+    """The array at ``path``; a RunError ending with ``hint()`` (what to do, built only on failure)
+    when it is missing (default: complete the run) or unreadable."""
     try:
         return np.load(path, allow_pickle=False)
     except FileNotFoundError:
-        raise RunError(f"{path}: missing; {hint or COMPLETE}") from None
+        raise RunError(f"{path}: missing; {hint() if hint else COMPLETE}") from None
     except (ValueError, OSError, EOFError) as exc:
-        raise RunError(f"{path}: not a readable numpy array ({exc})" + (f"; {hint}" if hint else "")) from None
+        raise RunError(f"{path}: not a readable numpy array ({exc})" + (f"; {hint()}" if hint else "")) from None
 
 
 def read_json(path: Path):
@@ -283,7 +284,7 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             if y_test is not None and test_key is not None and test_key_of(d) != test_key:  # None: before 2026-11
                 raise RunError(f"{d}: its test logits are not of the run's test images; complete the run with "
                                f"`{fit_command(run_dir)}`")
-            hint = retrain_hint(run_dir, d)  # damaged or deleted after the job finished (writes are atomic)
+            hint = partial(retrain_hint, run_dir, d)  # damaged or deleted after the job finished (writes are atomic)
             fold_oof.append(read_npy(d / "oof_logits.npy", hint))
             if y_test is not None:
                 fold_test.append(read_npy(d / "test_logits.npy", hint))
