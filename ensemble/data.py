@@ -709,16 +709,25 @@ def has_transparent_pixels(im: Image.Image) -> bool:
 
 def _decode_pil(blob: bytes, name: str, transparent: list[str]) -> torch.Tensor:
     try:
-        with Image.open(io.BytesIO(blob)) as im:
-            im.load()
-            if has_transparent_pixels(im):
-                transparent.append(name)
-            if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert("L") clips it to white
-                a = _wide_gray_to_uint8(np.asarray(im))
-            else:
-                a = np.array(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))  # a writable copy
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below as a DataNote
+            with Image.open(io.BytesIO(blob)) as im:
+                im.load()
+                width, height = im.size
+                if has_transparent_pixels(im):
+                    transparent.append(name)
+                if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert("L") clips it to white
+                    a = _wide_gray_to_uint8(np.asarray(im))
+                else:
+                    a = np.array(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))  # a writable copy
     except _PIL_ERRORS as err:
         raise DataError(f"cannot decode image '{name}' ({pil_reason(err)}); remove or replace the file") from err
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        warnings.warn(DataNote(
+            f"'{name}' is {width}x{height} pixels, over PIL's decompression-bomb limit of {limit} pixels "
+            "(twice that is refused); it was decoded and resized as every image is"
+        ), stacklevel=2)
     return torch.from_numpy(a[None] if a.ndim == 2 else np.ascontiguousarray(a.transpose(2, 0, 1)))
 
 

@@ -3,6 +3,7 @@ folders and archives, and (when present) a slice of the shared CIFAR-10 archive.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tarfile
@@ -320,6 +321,18 @@ def test_a_16_bit_gray_png_keeps_its_pixels_instead_of_turning_white(tmp_path):
     assert Image.open(tmp_path / "wide.png").mode.startswith("I")
     assert wide.shape == (1, 8, 8) and wide.min() == 0 and wide.max() < 255
     assert (wide.int() - narrow.int()).abs().max() <= 1
+
+
+def test_an_image_over_pils_pixel_limit_is_a_note_naming_it_not_a_raw_warning(monkeypatch):
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    png = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(png, "PNG")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x = decode_images([png.getvalue()], ["huge.png"], 8)
+    assert x.shape == (1, 3, 8, 8)
+    assert [w.category for w in caught] == [data.DataNote]
+    assert "'huge.png' is 40x30 pixels" in str(caught[0].message)
 
 
 # --------------------------------------------------------------------------- errors
