@@ -25,6 +25,7 @@ import os
 import re
 import sys
 import tarfile
+import unicodedata
 import warnings
 import zlib
 from dataclasses import dataclass
@@ -422,16 +423,18 @@ def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress
     of which the tree may hold any.
     """
     root = _check_folder_path(path, key_name)
-    base = {"source": "folder", "path": str(root), "image_size": cfg.image_size}
+    # "reader" 2: links in tars are read, 16-bit gray is scaled alike (2026-11)
+    base = {"source": "folder", "reader": 2, "path": str(root), "image_size": cfg.image_size}
     if known is not None:
         base["classes"] = list(known)  # the labels depend on them
     if root.is_dir():
-        files, dirs, others = _walk_tree(root)
-        stats = [(p, *_size_mtime(root.joinpath(*p))) for p in files]
-        key = {**base, "files": stats, "folders": sorted(dirs), "others": others}  # all decide classes or notes
-        read = partial(_read_tree, root, files, dirs, others, cfg.image_size, progress, known)
+        listing = list_tree(root)
+        stats = [(p, *_size_mtime(root.joinpath(*p))) for p in listing.files]
+        # the folders and other files decide classes or notes
+        key = {**base, "files": stats, "folders": sorted(listing.dirs), "others": listing.others}
+        read = partial(_read_tree, root, listing, cfg.image_size, progress, known)
     else:
-        st = root.stat()
+        st = _stat(root)
         key = {**base, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         read = partial(_read_archive, root, cfg.image_size, progress, known)
     return _cached(cache_dir, "folder", key, lambda: (read(), None))[0]
@@ -451,30 +454,134 @@ def _check_folder_path(path: str, key_name: str) -> Path:
     return root
 
 
+def _stat(p: Path) -> os.stat_result:
+    try:
+        return p.stat()
+    except OSError as exc:
+        raise DataError(_unreadable(p, exc)) from None
+
+
+def _unreadable(p: Path, exc: OSError) -> str:
+    broken = " (a link to nothing)" if p.is_symlink() and not p.exists() else ""
+    return f"cannot read '{p}'{broken} ({exc.strerror or exc}); make it readable or remove it"
+
+
 def _size_mtime(p: Path) -> tuple[int, int]:
-    st = p.stat()
+    st = _stat(p)
     return st.st_size, st.st_mtime_ns
 
 
-def _hidden(parts: tuple[str, ...]) -> bool:
+def is_hidden(parts: tuple[str, ...]) -> bool:
+    """Dot-files and folders, and macOS's ``__MACOSX`` archive folders: never images nor classes."""
     return any(p.startswith(".") or p == "__MACOSX" for p in parts)
 
 
-def _is_image(name: str) -> bool:
+def is_image(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def _walk_tree(root: Path) -> tuple[list[tuple[str, ...]], set[tuple[str, ...]], list[tuple[str, ...]]]:
-    """Relative path parts of the image files, of the folders and of the other (non-hidden) files under `root`."""
-    files, dirs, others = [], set(), []
-    for here, subdirs, names in os.walk(root, followlinks=True):
+@dataclass
+class Listing:
+    """What a class-folder tree or tar archive holds, as relative path parts (hidden names left out)."""
+
+    files: list[tuple[str, ...]]  # the images, sorted
+    dirs: set[tuple[str, ...]]  # every folder
+    others: list[tuple[str, ...]]  # files that are not images, sorted
+    blobs: dict[tuple[str, ...], bytes] | None = None  # an archive's images, read in the one pass
+    error: Exception | None = None  # why an archive could not be read to its end (what came before is kept)
+
+
+def list_tree(root: Path) -> Listing:
+    """The images, folders and other files under the folder `root`, following symbolic links but
+    visiting each real folder once (a link loop or a second link to a folder is not followed).
+    A folder that cannot be listed is a DataError: its images would be left out silently."""
+    files, dirs, others, seen = [], set(), [], {root.resolve()}
+
+    def unlistable(err: OSError) -> None:
+        raise DataError(f"cannot list the folder '{err.filename}' ({err.strerror or err}); make it readable "
+                        "or remove it")
+
+    for here, subdirs, names in os.walk(root, onerror=unlistable, followlinks=True):
         rel = Path(here).relative_to(root).parts
-        subdirs[:] = sorted(d for d in subdirs if not _hidden((d,)))
+        subdirs[:] = sorted(d for d in subdirs if not is_hidden((d,)) and _first_visit(Path(here) / d, seen))
         dirs.update(rel + (d,) for d in subdirs)
         for n in names:
-            if not _hidden((n,)):
-                (files if _is_image(n) else others).append(rel + (n,))
-    return sorted(files), dirs, sorted(others)
+            if not is_hidden((n,)):
+                (files if is_image(n) else others).append(rel + (n,))
+    return Listing(sorted(files), dirs, sorted(others))
+
+
+def _first_visit(folder: Path, seen: set[Path]) -> bool:
+    real = folder.resolve()
+    if real in seen:
+        return False
+    seen.add(real)
+    return True
+
+
+def list_tar(path: Path, progress: Callable[[int], None] | None = None) -> Listing:
+    """The images (with their bytes), folders and other files of the tar archive at `path`, in one
+    sequential pass; nothing is extracted to disk. A hard or symbolic link to an image read before it
+    is that image again (as a tree with the link would read it); other links are other files.
+
+    `progress` is called with the bytes read so far. An archive that cannot be read to its end,
+    or that stops without tar's end-of-archive block (cut short), gives what came before with
+    ``error`` set: Python's tarfile takes a header cut short for the archive's end.
+    """
+    listing = Listing([], set(), [], {})
+    try:
+        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
+            for m in tf:
+                parts = _tar_parts(m.name)
+                if parts and not is_hidden(parts):
+                    _add_tar_member(listing, tf, m, parts)
+                if progress is not None:
+                    progress(raw.tell())
+            if tf.offset and tf.fileobj.tell() - tf.offset < tarfile.BLOCKSIZE:
+                raise tarfile.ReadError("it ends before tar's end-of-archive block: it was cut short")
+    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
+        listing.error = err
+    listing.files.sort()
+    listing.others.sort()
+    return listing
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by the OS as surrogates
+        return False
+    return True
+
+
+def _tar_parts(name: str) -> tuple[str, ...]:
+    parts: list[str] = []
+    for p in name.split("/"):
+        if p == "..":
+            parts = parts[:-1]
+        elif p not in ("", "."):
+            parts.append(p)
+    return tuple(parts)
+
+
+def _add_tar_member(listing: Listing, tf: tarfile.TarFile, m: tarfile.TarInfo, parts: tuple[str, ...]) -> None:
+    if m.isdir():
+        listing.dirs.add(parts)
+        return
+    blob = None
+    if m.isfile() and is_image(parts[-1]):
+        blob = tf.extractfile(m).read()
+    elif m.islnk() or m.issym():  # a hard link names the archive path; a symbolic one, a path from its folder
+        target = _tar_parts(m.linkname if m.islnk() else "/".join(parts[:-1] + (m.linkname,)))
+        blob = listing.blobs.get(target) if is_image(parts[-1]) else None
+    elif not m.isfile():
+        return  # a device, a fifo
+    if blob is None:
+        listing.others.append(parts)
+        return
+    listing.files.append(parts)
+    listing.blobs[parts] = blob
+    listing.dirs.update(parts[:i] for i in range(1, len(parts)))
 
 
 def count_of(n: int, noun: str) -> str:
@@ -501,45 +608,32 @@ def _note_skipped(where: str, others: list[tuple[str, ...]]) -> None:
         warnings.warn(DataNote(skipped_note(where, others)), stacklevel=2)
 
 
-def _read_tree(root: Path, files, dirs, others, image_size: int, progress: bool,
+def _read_tree(root: Path, listing: Listing, image_size: int, progress: bool,
                known: tuple[str, ...] | None = None) -> Images:
-    _note_skipped(str(root), others)  # first: it explains a tree of .heic files that has "no images"
-    classes, order, labels = _layout(files, dirs, str(root), known)
-    names = ["/".join(files[i]) for i in order]
+    _note_skipped(str(root), listing.others)  # first: it explains a tree of .heic files that has "no images"
+    classes, order, labels = _layout(listing.files, listing.dirs, str(root), known)
+    paths = [root.joinpath(*listing.files[i]) for i in order]
     blobs = []
-    for name in progress_bar(names, progress=progress, desc=f"reading {root.name}", unit="img"):
-        blobs.append((root / name).read_bytes())
-    x = _decode_blobs(blobs, [str(root / n) for n in names], image_size, progress)
+    for p in progress_bar(paths, progress=progress, desc=f"reading {root.name}", unit="img"):
+        try:
+            blobs.append(p.read_bytes())
+        except OSError as exc:
+            raise DataError(_unreadable(p, exc)) from None
+    x = _decode_blobs(blobs, [str(p) for p in paths], image_size, progress)
     return Images(x, torch.from_numpy(labels), classes)
 
 
 def _read_archive(path: Path, image_size: int, progress: bool, known: tuple[str, ...] | None = None) -> Images:
-    """One sequential pass over the tar members; nothing is extracted to disk."""
-    files, dirs, blobs, others = [], set(), [], []
-    bar = progress_bar(progress=progress, total=path.stat().st_size, desc=f"reading {path.name}", unit="B",
-                       unit_scale=True)
-    try:
-        with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
-            for member in tf:
-                parts = tuple(p for p in member.name.split("/") if p not in ("", "."))
-                if not parts or _hidden(parts):
-                    continue
-                if member.isdir():
-                    dirs.add(parts)
-                elif member.isfile() and _is_image(parts[-1]):
-                    files.append(parts)
-                    blobs.append(tf.extractfile(member).read())
-                    dirs.update(parts[:i] for i in range(1, len(parts)))
-                elif member.isfile():
-                    others.append(parts)
-                bar.update(raw.tell() - bar.n)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
-        raise DataError(f"cannot read the archive '{path}' ({err}); it is damaged or not a tar: replace it") from err
-    finally:
-        bar.close()
-    _note_skipped(str(path), others)
-    classes, order, labels = _layout(files, dirs, str(path), known)
-    x = _decode_blobs([blobs[i] for i in order], [f"{path}:{'/'.join(files[i])}" for i in order], image_size, progress)
+    with progress_bar(progress=progress, total=path.stat().st_size, desc=f"reading {path.name}", unit="B",
+                      unit_scale=True) as bar:
+        listing = list_tar(path, lambda done: bar.update(done - bar.n))
+    if listing.error is not None:
+        fix = "make it readable" if isinstance(listing.error, PermissionError) else "it is damaged or not a tar: replace it"
+        raise DataError(f"cannot read the archive '{path}' ({listing.error}); {fix}") from listing.error
+    _note_skipped(str(path), listing.others)
+    classes, order, labels = _layout(listing.files, listing.dirs, str(path), known)
+    files = [listing.files[i] for i in order]
+    x = _decode_blobs([listing.blobs[p] for p in files], [f"{path}:{'/'.join(p)}" for p in files], image_size, progress)
     return Images(x, torch.from_numpy(labels), classes)
 
 
@@ -550,11 +644,26 @@ def class_folder_depth(files: list[tuple[str, ...]], known) -> int:
     The reading in which every image lies in a folder of a known class wins; failing both, one top
     folder holding deeper files is skipped, as training reads a tree. Shared by test sets and predict.
     """
+    index = class_index(known)
     single_top = len({p[0] for p in files}) == 1
     for skip in (0, 1) if single_top else (0,):
-        if all(len(p) >= skip + 2 and p[skip] in known for p in files):
+        if all(len(p) >= skip + 2 and class_of(p[skip], index) is not None for p in files):
             return skip
     return 1 if single_top and any(len(p) >= 3 for p in files) else 0
+
+
+def class_index(classes) -> dict[str, int]:
+    """The index of each class by its name in Unicode NFC form, for :func:`class_of`."""
+    index: dict[str, int] = {}
+    for i, c in enumerate(classes):
+        index.setdefault(unicodedata.normalize("NFC", c), i)
+    return index
+
+
+def class_of(folder: str, index: dict[str, int]) -> int | None:
+    """The class a folder name is in `index` (of :func:`class_index`), or None. A name matches in
+    either Unicode form: macOS writes 'café' decomposed (NFD), most other systems composed (NFC)."""
+    return index.get(unicodedata.normalize("NFC", folder))
 
 
 def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str, known=None):
@@ -588,7 +697,8 @@ def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str
         classes = tuple(sorted({p[0] for p in files} | {d[0] for d in dirs}))
         _check_training_classes(classes, files, where)
     else:
-        extra = sorted({p[0] for p in files} - set(known))
+        index = class_index(known)
+        extra = sorted({p[0] for p in files if class_of(p[0], index) is None})
         if extra:
             raise DataError(
                 f"'{where}' has class folders that the training data lacks: {extra[:5]}"
@@ -597,9 +707,12 @@ def _layout(files: list[tuple[str, ...]], dirs: set[tuple[str, ...]], where: str
             )
         classes = tuple(known)
     order = sorted(range(len(files)), key=lambda i: files[i])
-    index = {c: i for i, c in enumerate(classes)}
-    labels = np.array([index[files[i][0]] for i in order], dtype=np.int64)
+    index = class_index(classes)
+    labels = np.array([class_of(files[i][0], index) for i in order], dtype=np.int64)
     return classes, order, labels
+
+
+_SPLIT_NAMES = {"train", "training", "val", "valid", "validation", "test", "testing", "eval"}
 
 
 def _check_training_classes(classes: tuple[str, ...], files: list[tuple[str, ...]], where: str) -> None:
@@ -611,6 +724,17 @@ def _check_training_classes(classes: tuple[str, ...], files: list[tuple[str, ...
         raise DataError(f"class folder '{where}/{empty[0]}' has no images; add images or remove the folder")
     if len(classes) < 2:
         raise DataError(f"found only one class folder ({classes[0]!r}) in '{where}'; classification needs at least 2")
+    not_utf8 = [c for c in classes if not _is_utf8(c)]
+    if not_utf8:
+        raise DataError(f"class folder {not_utf8[0].encode('utf-8', 'surrogateescape')!r} in '{where}' has a name "
+                        "that is not UTF-8 text (written by an older system?); rename it: the run stores, prints "
+                        "and plots class names as UTF-8")
+    if all(c.lower() in _SPLIT_NAMES for c in classes):
+        train = next((c for c in classes if c.lower().startswith("train")), classes[0])
+        warnings.warn(DataNote(
+            f"the classes of '{where}' are named {', '.join(classes)}, like the parts of a split: if the classes "
+            f"are the folders inside them, set data.path to '{where}/{train}' (and data.test_path to the other "
+            "part)"), stacklevel=3)
 
 
 # --------------------------------------------------------------------------- decoding
@@ -690,11 +814,11 @@ def pil_reason(err: BaseException) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
 
 
-def _wide_gray_to_uint8(a: np.ndarray) -> np.ndarray:
-    """Gray pixels of an "I" / "I;16" image to uint8: 16-bit range scaled to 8 bits, or kept
-    as is when every value already fits in 0..255 (an 8-bit image stored wide)."""
+def _wide_gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+    """Gray pixels of an "I;16" image to uint8, its 16-bit range scaled to 8 bits; of an "I" image
+    (32-bit, with no fixed range) likewise, or kept as they are when every value fits in 0..255."""
     a = a.astype(np.float64)
-    if a.max(initial=0) > 255:
+    if mode != "I" or a.max(initial=0) > 255:
         a = a * (255 / 65535)
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
@@ -717,7 +841,7 @@ def _decode_pil(blob: bytes, name: str, transparent: list[str]) -> torch.Tensor:
                 if has_transparent_pixels(im):
                     transparent.append(name)
                 if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert("L") clips it to white
-                    a = _wide_gray_to_uint8(np.asarray(im))
+                    a = _wide_gray_to_uint8(np.asarray(im), im.mode)
                 else:
                     a = np.array(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))  # a writable copy
     except _PIL_ERRORS as err:

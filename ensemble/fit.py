@@ -186,11 +186,10 @@ def check_out(run_dir: Path, recipe: Recipe) -> str | None:
     why = store.unwritable(run_dir)
     if why:
         raise RecipeError(f"--out {run_dir}: {why}; give a folder fit can write to")
-    for key in ("path", "test_path"):
-        images = getattr(recipe.data, key)
-        if images and run_dir.resolve().is_relative_to(Path(images).resolve()):
-            raise RecipeError(f"--out {run_dir} is inside data.{key} ({images}): its files would be read as "
-                              "images on the next run; give a folder outside it")
+    inside = inside_images(run_dir, recipe)
+    if inside:
+        raise RecipeError(f"--out {run_dir} is inside {inside}: its files would be read as images on the next "
+                          "run; give a folder outside it")
     try:
         previous = (run_dir / "recipe.toml").read_text()
     except FileNotFoundError:
@@ -211,6 +210,15 @@ def check_out(run_dir: Path, recipe: Recipe) -> str | None:
         raise RecipeError(f"--out {run_dir} holds {held}, not {recipe.name!r}; give another --out "
                           "or delete that folder")
     return previous
+
+
+def inside_images(folder: Path, recipe: Recipe) -> str | None:
+    """'data.path (...)' or 'data.test_path (...)' when ``folder`` lies in the images the recipe reads."""
+    for key in ("path", "test_path"):
+        images = getattr(recipe.data, key)
+        if images and Path(folder).resolve().is_relative_to(Path(images).resolve()):
+            return f"data.{key} ({images})"
+    return None
 
 
 def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: list, new_test: list) -> None:
@@ -316,9 +324,14 @@ def run(args: argparse.Namespace) -> Path:
         if refit_combiners_only(recipe, run_dir, previous, args, t0, str(missing).split(": ", 1)[-1]):
             return run_dir
         raise missing
+    cache = args.cache or default_cache_dir()
+    inside = inside_images(cache, recipe)
+    if inside:
+        raise RecipeError(f"the decoded-image cache {cache} is inside {inside}: its files would be read as "
+                          "images; give --cache a folder outside it")
     try:
         with notes_printed():
-            dataset = load_dataset(recipe.data, args.cache or default_cache_dir(), recipe.seed,
+            dataset = load_dataset(recipe.data, cache, recipe.seed,
                                    progress=not args.quiet)
     except DataError as exc:
         if isinstance(exc, NoImagesError) and refit_combiners_only(recipe, run_dir, previous, args, t0, str(exc)):

@@ -21,7 +21,6 @@ import os
 import sys
 import tarfile
 import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -38,9 +37,13 @@ from .data import (
     IMAGE_EXTENSIONS,
     DataError,
     class_folder_depth,
+    class_index,
+    class_of,
     count_of,
     decode_images,
     images_lie,
+    list_tar,
+    list_tree,
     pil_reason,
     skipped_note,
 )
@@ -456,51 +459,29 @@ def _list_input(arg: str, classes: tuple[str, ...]) -> tuple[list[_Entry], list,
 
 
 def _list_dir(arg: str, root: Path, classes) -> tuple[list[_Entry], list, list[str]]:
-    images, others, seen = [], [], {root.resolve()}
-    for here, dirs, names in os.walk(root, followlinks=True):
-        rel = Path(here).relative_to(root).parts
-        dirs[:] = sorted(d for d in dirs if not d.startswith(".") and _first_visit(Path(here) / d, seen))
-        for n in sorted(names):
-            if not n.startswith("."):
-                (images if n.lower().endswith(IMAGE_EXTENSIONS) else others).append(rel + (n,))
-    if not images:
+    try:
+        listing = list_tree(root)
+    except DataError as exc:
+        return [], [(arg, str(exc))], []
+    if not listing.files:
         return [], [(arg, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this folder")], []
-    images.sort()
-    labels, note = _folder_labels(images, classes, arg)
-    entries = [_Entry(os.path.join(arg, *p), root.joinpath(*p), c) for p, c in zip(images, labels)]
-    return entries, [], note + _skipped_note(arg, others)
-
-
-def _first_visit(folder: Path, seen: set) -> bool:
-    real = folder.resolve()
-    if real in seen:  # a symlink loop or a second link to the same folder
-        return False
-    seen.add(real)
-    return True
+    labels, note = _folder_labels(listing.files, classes, arg)
+    entries = [_Entry(os.path.join(arg, *p), root.joinpath(*p), c) for p, c in zip(listing.files, labels)]
+    return entries, [], note + _skipped_note(arg, listing.others)
 
 
 def _list_archive(arg: str, path: Path, classes) -> tuple[list[_Entry], list, list[str]]:
     """Images of a tar archive, read in memory (nothing is extracted to disk)."""
-    found, others, failures = [], [], []
-    try:
-        with tarfile.open(path, mode="r|*") as tf:
-            for m in tf:
-                parts = tuple(p for p in m.name.split("/") if p not in ("", "."))
-                if not m.isfile() or not parts or any(p.startswith(".") or p == "__MACOSX" for p in parts):
-                    continue
-                if parts[-1].lower().endswith(IMAGE_EXTENSIONS):
-                    found.append((parts, tf.extractfile(m).read()))
-                else:
-                    others.append(parts)
-    except (tarfile.TarError, EOFError, zlib.error, OSError) as exc:
-        where = f" after {len(found)} images" if found else ""
-        failures.append((arg, f"not a readable tar archive{where} ({exc})"))
-    if not found and not failures:
+    listing = list_tar(path)
+    failures = []
+    if listing.error is not None:
+        where = f" after {len(listing.files)} images" if listing.files else ""
+        failures.append((arg, f"not a readable tar archive{where} ({listing.error})"))
+    elif not listing.files:
         failures.append((arg, f"no images ({', '.join(IMAGE_EXTENSIONS)}) in this archive"))
-    found.sort(key=lambda item: item[0])
-    labels, note = _folder_labels([p for p, _ in found], classes, arg)
-    entries = [_Entry(f"{arg}:{'/'.join(p)}", blob, c) for (p, blob), c in zip(found, labels)]
-    return entries, failures, note + _skipped_note(arg, others)
+    labels, note = _folder_labels(listing.files, classes, arg)
+    entries = [_Entry(f"{arg}:{'/'.join(p)}", listing.blobs[p], c) for p, c in zip(listing.files, labels)]
+    return entries, failures, note + _skipped_note(arg, listing.others)
 
 
 def _folder_labels(files: list[tuple[str, ...]], classes, where: str) -> tuple[list[int], list[str]]:
@@ -509,15 +490,15 @@ def _folder_labels(files: list[tuple[str, ...]], classes, where: str) -> tuple[l
     Read as a test set is in training (:func:`ensemble.data.class_folder_depth`): an image's class
     is the folder it lies in at the root, or under one single top folder, at any depth below.
     """
-    index = {c: i for i, c in enumerate(classes)}
+    index = class_index(classes)
     unlabelled = [-1] * len(files)
     if not files:
         return unlabelled, []
-    skip = class_folder_depth(files, index)
+    skip = class_folder_depth(files, classes)
     in_folders = [p for p in files if len(p) >= skip + 2]
-    strange = sorted({p[skip] for p in in_folders} - index.keys())
+    strange = sorted({p[skip] for p in in_folders if class_of(p[skip], index) is None})
     if len(in_folders) == len(files) and not strange:
-        return [index[p[skip]] for p in files], []
+        return [class_of(p[skip], index) for p in files], []
     if not in_folders:
         return unlabelled, []  # plain images: nothing to label
     if strange:
@@ -544,6 +525,7 @@ def write_csv(path: Path, paths: list[str], proba: np.ndarray, classes, labels: 
     w.writerow(["path", "pred", *(f"prob_{c}" for c in classes), *(["label"] if labels is not None else [])])
     pred = proba.argmax(axis=1)
     for i, p in enumerate(paths):
+        p = p.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name that is not UTF-8, escaped
         row = [p, classes[pred[i]], *(f"{v:.6f}" for v in proba[i])]
         if labels is not None:
             row.append(classes[labels[i]] if labels[i] >= 0 else "")

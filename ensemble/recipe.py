@@ -360,7 +360,7 @@ def check_paths(recipe: Recipe) -> None:
     for key in ("path", "test_path"):
         value = getattr(recipe.data, key)
         if value and not Path(value).expanduser().exists():
-            here = "" if Path(value).is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
+            here = "" if Path(value).expanduser().is_absolute() else f" (relative paths start from the current folder, {Path.cwd()})"
             raise recipe.error(f"data.{key}", f"does not exist: {value!r}{here}")
 
 

@@ -323,6 +323,16 @@ def test_a_16_bit_gray_png_keeps_its_pixels_instead_of_turning_white(tmp_path):
     assert (wide.int() - narrow.int()).abs().max() <= 1
 
 
+def test_16_bit_gray_pngs_are_scaled_alike_whatever_their_brightest_pixel():
+    """Two dim 16-bit images, one with a pixel at 255 and one at 256, decode on one scale."""
+    out = []
+    for top in (255, 256):
+        png = io.BytesIO()
+        Image.fromarray(np.full((4, 4), top, dtype=np.uint16)).save(png, "PNG")
+        out.append(decode_images([png.getvalue()], ["dim.png"], 4))
+    assert out[0].max() == out[1].max() == 1  # 255 and 256 of 65,535
+
+
 def test_an_image_over_pils_pixel_limit_is_a_note_naming_it_not_a_raw_warning(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     png = io.BytesIO()
@@ -333,6 +343,60 @@ def test_an_image_over_pils_pixel_limit_is_a_note_naming_it_not_a_raw_warning(mo
     assert x.shape == (1, 3, 8, 8)
     assert [w.category for w in caught] == [data.DataNote]
     assert "'huge.png' is 40x30 pixels" in str(caught[0].message)
+
+
+def test_a_link_loop_is_followed_once_and_links_inside_a_tar_are_the_images_they_name(tmp_path):
+    """A tree with a link back to its root, and a second link to an image (as a hard link and as a
+    symbolic one), loads as the tree without the loop; its tar archive, with the links as link
+    members, loads the same images."""
+    tree = make_tree(tmp_path / "tree")
+    (tree / "cat" / "loop").symlink_to(tree)
+    os.link(tree / "cat" / "00.png", tree / "dog" / "hard.png")
+    (tree / "emu" / "soft.png").symlink_to("../cat/01.png")
+    folder = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert folder.train.y.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2]
+    archive = tmp_path / "set.tar"
+    with tarfile.open(archive, "w") as tf:  # tarfile stores the second name of a file as a hard link
+        for c in CLASSES:
+            tf.add(tree / c, arcname=c, filter=lambda m: None if m.name.endswith("loop") else m)
+    with tarfile.open(archive) as tf:
+        assert {m.name: m.type for m in tf.getmembers()}["dog/hard.png"] == tarfile.LNKTYPE
+    packed = load(tmp_path / "cache", source="folder", path=str(archive), image_size=12)
+    assert torch.equal(packed.train.x, folder.train.x) and torch.equal(packed.train.y, folder.train.y)
+
+
+def test_a_folder_that_cannot_be_listed_is_an_error_not_left_out(tmp_path, monkeypatch):
+    tree = make_tree(tmp_path / "tree")
+    locked = tree / "dog"
+    scandir = os.scandir
+
+    def refuse(path="."):
+        if Path(path) == locked:
+            raise PermissionError(13, "Permission denied", str(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refuse)  # chmod 000 stops no one running as root
+    with pytest.raises(DataError, match="cannot list the folder '.*dog' .Permission denied"):
+        load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+
+
+def test_a_test_set_matches_class_names_in_either_unicode_form(tmp_path):
+    """macOS writes 'café' decomposed (NFD); a test set written elsewhere composes it (NFC)."""
+    nfd, nfc = "cafe\u0301", "caf\u00e9"
+    train = make_tree(tmp_path / "a", classes=(nfd, "tea"))
+    test = make_tree(tmp_path / "b", classes=(nfc,), seed=1)
+    ds = load(tmp_path / "cache", source="folder", path=str(train), test_path=str(test), image_size=12)
+    assert ds.train.classes == (nfd, "tea") and ds.test.y.tolist() == [0, 0, 0]
+
+
+def test_classes_named_like_the_parts_of_a_split_are_noted(tmp_path):
+    tree = tmp_path / "tree"
+    for part in ("train", "val"):
+        make_tree(tree / part, classes=("cat", "dog"))
+    with pytest.warns(data.DataNote, match=f"set data.path to '{tree}/train'"):
+        ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert ds.train.classes == ("train", "val")
+
 
 
 # --------------------------------------------------------------------------- errors
@@ -356,6 +420,14 @@ def _write(path: Path, content: bytes):
     return path
 
 
+def _cut_at_a_header(tmp: Path) -> Path:
+    """A .tar cut inside the header of its last member: Python's tarfile takes that for the end."""
+    archive = make_tar(make_tree(tmp / "tree"), tmp / "whole.tar")
+    with tarfile.open(archive) as tf:
+        last = tf.getmembers()[-1].offset
+    return _write(tmp / "cut.tar", archive.read_bytes()[: last + 100])
+
+
 ERRORS = [
     ("unknown source", lambda tmp: cfg(source="imagenet"), "unknown; use one of: digits, cifar10"),
     ("empty path", _folder(path=""), "data.path is empty"),
@@ -377,6 +449,12 @@ ERRORS = [
     ("test classes differ", lambda tmp: cfg(source="folder", image_size=12, path=str(make_tree(tmp / "a")),
                                             test_path=str(make_tree(tmp / "b", classes=("cat", "dog", "gnu")))),
      "b' has class folders that the training data lacks: ['gnu']"),
+    ("a link to nothing", _tree_then(lambda t: (t / "dog" / "gone.png").symlink_to(t / "nowhere.png")),
+     "gone.png' (a link to nothing)"),
+    ("a tar cut short at a header", lambda tmp: cfg(source="folder", path=str(_cut_at_a_header(tmp))),
+     "cut short"),
+    ("class name not UTF-8", _tree_then(lambda t: os.rename(t / "emu", os.fsencode(t) + b"/em\xfc")),
+     "b'em\\xfc'"),
     ("cifar10 not downloaded", lambda tmp: cfg(source="cifar10", root=str(tmp / "vision")), "data.download = true"),
     ("mnist not downloaded", lambda tmp: cfg(source="mnist", root=str(tmp / "vision")), "vision'"),
 ]

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import pickle
+import os
 import shutil
 import tarfile
 import zipfile
@@ -285,6 +286,18 @@ def _tar_with_bad_member(d: Path, good: Path) -> Path:
     return d / "mixed.tar"
 
 
+def _tar_cut_short(d: Path, good: Path) -> Path:
+    """A tar cut inside its image's header, after a text file: Python's tarfile takes the cut for the end."""
+    (d / "notes.txt").write_text("hello")
+    with tarfile.open(d / "whole.tar", "w") as tf:
+        tf.add(d / "notes.txt", arcname="notes.txt")
+        tf.add(good, arcname="image.png")
+    with tarfile.open(d / "whole.tar") as tf:
+        cut = tf.getmember("image.png").offset + 100
+    (d / "cut.tar").write_bytes((d / "whole.tar").read_bytes()[:cut])
+    return d / "cut.tar"
+
+
 BAD_INPUTS = [
     # (case, make(dir, good image) -> path, message fragment)
     ("missing path", lambda d, g: d / "nope.png", "does not exist"),
@@ -295,6 +308,7 @@ BAD_INPUTS = [
     ("transparent RGBA image", _transparent_png, "has transparent pixels: the colours under them are arbitrary"),
     ("corrupt tar.gz", lambda d, g: _corrupt_tar(d), "not a readable tar archive"),
     ("corrupt image inside a tar", _tar_with_bad_member, "not a readable image"),
+    ("tar cut short", _tar_cut_short, "end-of-archive block: it was cut short"),
 ]
 
 
@@ -307,6 +321,14 @@ def test_bad_input_is_reported_and_others_predicted(base, tmp_path, capsys, good
     assert f"error: {bad}" in err and message in err and "BytesIO" not in err
     assert [r["path"] for r in read_csv(out)] == [str(good_image)]
     assert "1 input failed" in stdout
+
+
+def test_a_file_name_that_is_not_utf8_is_written_escaped(base, tmp_path, capsys, good_image):
+    name = os.fsdecode(b"caf\xe9.png")  # Latin-1, as older systems write it
+    shutil.copy(good_image, tmp_path / name)
+    rc, _, err = call([base["run"], tmp_path / name, "--out", tmp_path / "p.csv", "--quiet"], capsys)
+    assert rc == 0, err
+    assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [f"{tmp_path}/caf\\udce9.png"]
 
 
 def test_nothing_readable_exits_1_without_csv(base, tmp_path, capsys):

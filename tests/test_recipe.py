@@ -164,6 +164,16 @@ def test_out_inside_the_training_images_is_refused(tmp_path, capsys):
     assert not (tmp_path / "images" / "run").exists()
 
 
+def test_a_cache_inside_the_training_images_is_refused(tmp_path, capsys):
+    """Its decoded arrays would make a class folder of their own on the next run."""
+    (tmp_path / "images" / "cat").mkdir(parents=True)
+    args = [str(DIGITS), "--set", "data.source='folder'", "--set", f"data.path='{tmp_path / 'images'}'",
+            "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "images" / "cache"), "--quiet"]
+    assert fit.main(args) == 2
+    assert f"the decoded-image cache {tmp_path / 'images' / 'cache'} is inside data.path" in capsys.readouterr().err
+    assert not (tmp_path / "images" / "cache").exists()
+
+
 def test_the_recipe_names_every_meta_learner_the_combiners_know():
     from ensemble import combiners
 

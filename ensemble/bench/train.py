@@ -86,7 +86,7 @@ def extract_subset(archive: Path, per_class: int, out: Path) -> int:
     with tarfile.open(archive, mode="r|*") as tf:
         for member in tf:
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
-            if not member.isfile() or len(parts) < 2 or data._hidden(tuple(parts)) or not data._is_image(parts[-1]):
+            if not member.isfile() or len(parts) < 2 or data.is_hidden(tuple(parts)) or not data.is_image(parts[-1]):
                 continue
             label = parts[-2]
             if counts.get(label, 0) >= per_class:
