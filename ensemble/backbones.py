@@ -9,6 +9,7 @@ loaded with ``weights_only=True``).
 from __future__ import annotations
 
 import difflib
+import pickle
 from collections.abc import Callable
 from pathlib import Path
 
@@ -130,7 +131,9 @@ def load_weights(model: nn.Module, path: str) -> None:
         else:
             state = torch.load(file, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any decoding problem is the file's
-        raise BackboneError(f"cannot read weights {path!r}: {exc}") from None
+        why = "not a safetensors file nor a weights-only torch state dict; it is never unpickled" \
+            if isinstance(exc, pickle.UnpicklingError) else str(exc)  # torch's own text suggests unpickling
+        raise BackboneError(f"cannot read weights {path!r}: {why}") from None
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
     _check_same_architecture(own, state, f"weights {path!r}", type(model).__name__)

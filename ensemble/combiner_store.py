@@ -61,7 +61,17 @@ def saved_form(combiner: Combiner) -> tuple[str, dict[str, np.ndarray]]:
                 f"{combiner.name}: array {key!r} has object dtype; it would need pickle"
             )
     doc = {"format": FORMAT, "class": combiner.name, **state}
-    return json.dumps(doc, indent=1, allow_nan=False), arrays  # fails early if not JSON-able
+    try:
+        return json.dumps(doc, indent=1, allow_nan=False, default=_plain), arrays  # fails early if not JSON-able
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{combiner.name}: its parameters cannot be saved as JSON ({exc})") from None
+
+
+def _plain(value):
+    """A numpy scalar (``np.int64(10)`` from a notebook) as the Python number it holds."""
+    if isinstance(value, np.generic):
+        return value.item()
+    raise TypeError(f"Object of type {type(value).__name__} is not JSON serializable")
 
 
 def _read_json(path: Path) -> dict:

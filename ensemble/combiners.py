@@ -18,6 +18,7 @@ import copy
 import difflib
 import inspect
 import math
+import numbers
 from typing import Any, ClassVar
 
 import numpy as np
@@ -101,7 +102,10 @@ def make_combiner(name: str, **params: Any) -> "Combiner":
     base combiner (built with ``params``) in :class:`TemperatureScaled`.
     """
     if name.endswith(TS_SUFFIX):
-        return TemperatureScaled(make_combiner(name[: -len(TS_SUFFIX)], **params))
+        wrapper = {"inner_folds": params.pop("inner_folds")} if params.get("inner_folds") is not None else {}
+        combiner = TemperatureScaled(make_combiner(name[: -len(TS_SUFFIX)], **params), **wrapper)
+        combiner._validate_params()
+        return combiner
     cls = combiner_class(name)
     params = {k: v for k, v in params.items() if v is not None}
     _check_param_names(cls, params)
@@ -151,6 +155,11 @@ def check_logits(logits: Any) -> np.ndarray:
             "first, e.g. np.maximum(logits, -50.0)"
         )
     return arr
+
+
+def _is_int(v: Any) -> bool:
+    """An integer (Python's or numpy's), not a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
 def check_labels(y: Any, logits_shape: tuple[int, int, int]) -> np.ndarray:
@@ -224,8 +233,9 @@ class Combiner:
         sig = inspect.signature(cls.__init__)
         return [p for p in sig.parameters if p != "self"]
 
-    def get_params(self) -> dict[str, Any]:
-        """Constructor parameters, as given."""
+    def get_params(self, deep: bool = True) -> dict[str, Any]:
+        """Constructor parameters, as given (``deep`` is scikit-learn's: nested combiners are
+        parameters like any other here)."""
         return {p: getattr(self, p) for p in self.param_names()}
 
     def clone(self) -> "Combiner":
@@ -461,8 +471,9 @@ class Weighted(Combiner):
             raise ValueError(
                 f"weighted: method must be one of {list(self.METHODS)}; got {self.method!r}"
             )
-        if isinstance(self.rounds, bool) or not isinstance(self.rounds, int) or self.rounds < 1:
+        if not _is_int(self.rounds) or self.rounds < 1:
             raise ValueError(f"weighted: rounds must be an integer >= 1; got {self.rounds!r}")
+        self.rounds = int(self.rounds)  # a numpy integer saves as JSON
 
     def _fit(self, logits: np.ndarray, y: np.ndarray) -> None:
         p_true = true_class_proba(logits, y)
@@ -580,6 +591,9 @@ class Stacking(Combiner):
         if len(np.unique(y)) < 2:
             raise ValueError("stacking needs at least 2 distinct classes in y to fit")
         meta = make_meta_learner(self.meta_learner, self.meta_params or {})
+        k = meta.get_params().get("n_neighbors") if self.meta_learner == "knn" else None
+        if k is not None and k > len(y):
+            raise ValueError(f"stacking: meta_params n_neighbors = {k} is more than the {len(y)} rows it is fitted on")
         # Centering leaves the L2-penalised logistic optimum unchanged (the unpenalised
         # intercept absorbs the shift) but conditions L-BFGS far better: 6 instead of 90
         # iterations on the benchmark. Trees and k-NN are shift-invariant.
@@ -677,8 +691,9 @@ class TemperatureScaled(Combiner):
                 f"TemperatureScaled: base must be a Combiner; got {type(self.base).__name__}"
             )
         k = self.inner_folds
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
+        if not _is_int(k) or k < 2:
             raise ValueError(f"TemperatureScaled: inner_folds must be an integer >= 2; got {k!r}")
+        self.inner_folds = int(k)
 
     def _fit(self, logits: np.ndarray, y: np.ndarray) -> None:
         self.base_ = self.base.clone().fit(logits, y)
@@ -737,6 +752,9 @@ def cross_val_proba(
     the rows with ``folds == k``; a combiner with ``learns == False`` predicts all rows at
     once (fitting it learns nothing). ``folds`` (n_samples,) holds fold indices.
     """
+    if not isinstance(combiner, Combiner):
+        raise ValueError(f"combiner must be a Combiner, e.g. make_combiner({combiner!r}); got "
+                         f"{type(combiner).__name__}")
     logits = check_logits(logits)
     y = check_labels(y, logits.shape)
     folds = check_folds(folds, logits.shape[1])

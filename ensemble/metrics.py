@@ -42,8 +42,8 @@ def log_softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return z
 
 
-def _check(proba: np.ndarray, y: np.ndarray, n_classes: int | None = None):
-    """Validate and convert ``proba`` (N, C) float64 and ``y`` (N,) int64."""
+def _check(proba: np.ndarray, y: np.ndarray, n_classes: int | None = None, logits: bool = False):
+    """Validate and convert ``proba`` (N, C) float64 (or finite ``logits``) and ``y`` (N,) int64."""
     proba = np.asarray(proba, dtype=np.float64)
     y = np.asarray(y)
     if proba.ndim != 2:
@@ -55,6 +55,14 @@ def _check(proba: np.ndarray, y: np.ndarray, n_classes: int | None = None):
         )
     if n_classes is not None and proba.shape[1] != n_classes:
         raise ValueError(f"proba has {proba.shape[1]} columns but n_classes={n_classes}")
+    if logits and not np.isfinite(proba).all():
+        raise ValueError("logits must be finite")
+    if not logits and not (np.isfinite(proba).all() and (proba >= 0).all()
+                           and np.allclose(proba.sum(axis=1), 1, atol=1e-3)):
+        raise ValueError("proba must hold probabilities: finite, >= 0, each row summing to 1; for logits, "
+                         "pass softmax(logits) (ensemble.metrics.softmax)")
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"y must hold integer class indices; got dtype {y.dtype}")
     if len(y) and (y.min() < 0 or y.max() >= proba.shape[1]):
         raise ValueError(
             f"labels must be in 0..{proba.shape[1] - 1}; got min {y.min()}, max {y.max()}"
@@ -155,7 +163,7 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     ``logits`` (N, C) may be any log-probabilities (e.g. ``log(proba)``). Searches log T in
     [log 0.01, log 100] with bounded Brent; the NLL is smooth and unimodal in 1/T.
     """
-    logits, y = _check(logits, y)
+    logits, y = _check(logits, y, logits=True)
     rows = np.arange(len(y))
 
     def objective(log_t: float) -> float:

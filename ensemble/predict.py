@@ -111,12 +111,14 @@ def load_run(run_dir: str | Path) -> Run:
 
 
 def _read_recipe(path: Path) -> Recipe:
-    """The run's recipe; its [data] section is ignored (predict reads data.json, and the
-    recipe's data paths may not exist on this machine)."""
+    """The run's recipe, as run. Predict needs none of its [data] section (it reads data.json, and
+    the data paths need not exist on this machine), so one this version refuses is left at the defaults."""
     try:
         table = tomllib.loads(path.read_text())
-        table["data"] = {}
-        recipe = from_dict(table, str(path))
+        try:
+            recipe = from_dict(table, str(path))
+        except RecipeError:
+            recipe = from_dict(table | {"data": {}}, str(path))
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
         raise RunError(f"{path}: not a readable TOML recipe ({exc})") from None
     except RecipeError as exc:

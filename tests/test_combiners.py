@@ -309,11 +309,38 @@ def fitted_mean():
          "one fold index per sample"),
         (lambda: comb.cross_val_proba(comb.make_combiner("weighted"), L, Y, F * 0), ValueError,
          "at least 2 distinct fold"),
+        (lambda: comb.cross_val_proba("stacking", L, Y, F), ValueError,
+         r"combiner must be a Combiner, e.g. make_combiner\('stacking'\)"),
+        (lambda: comb.make_combiner("stacking", meta_learner="knn").fit(L[:, :3], Y[:3]), ValueError,
+         "meta_params n_neighbors = 5 is more than the 3 rows"),
+        (lambda: comb.make_combiner("mean+ts", inner_folds=1), ValueError, "inner_folds must be an integer >= 2"),
     ],
 )
 def test_errors(call, error, fragment):
     with pytest.raises(error, match=fragment):
         call()
+
+
+def test_numpy_integers_are_integers_and_save_as_json(tmp_path):
+    """Values computed with numpy, as in a notebook, are accepted and saved as plain numbers."""
+    weighted = comb.make_combiner("weighted", rounds=np.int64(10)).fit(L, Y)
+    stacking = comb.make_combiner("stacking", meta_learner="random_forest",
+                                  meta_params={"n_estimators": np.int64(10)}).fit(L, Y)
+    calibrated = comb.make_combiner("mean+ts", inner_folds=np.int32(3)).fit(L, Y)
+    assert calibrated.inner_folds == 3 and weighted.rounds == 10
+    for c in (weighted, stacking, calibrated):
+        save_combiner(c, tmp_path, c.name.replace("+", "_"))
+        again = load_combiner(tmp_path, c.name.replace("+", "_"))
+        assert np.array_equal(again.predict_proba(L), c.predict_proba(L))
+
+
+def test_combiners_can_be_cloned_by_scikit_learn():
+    from sklearn.base import clone
+
+    original = comb.make_combiner("stacking+ts", meta_params={"C": 0.5}, inner_folds=3)
+    copy = clone(original)
+    assert copy is not original and copy.get_params()["inner_folds"] == 3
+    assert copy.base.meta_params == {"C": 0.5}
 
 
 def test_a_failed_fit_leaves_the_combiner_unfitted():

@@ -145,6 +145,12 @@ def test_fit_temperature_recovers_known_t(true_t):
         (lambda: metrics.score(np.ones((3, 2)) / 2, np.zeros(3, int), 3), "n_classes=3"),
         (lambda: metrics.score(np.ones((2, 2)) / 2, np.array([0, 2]), 2), "labels must be in 0..1"),
         (lambda: metrics.details(np.ones((2, 2)) / 2, np.array([0, 1]), ["a"]), "n_classes=1"),
+        (lambda: metrics.score(np.array([[3.0, -1.0], [0.5, 2.0]]), np.array([0, 1]), 2),
+         r"proba must hold probabilities.*pass softmax\(logits\)"),  # logits passed by mistake
+        (lambda: metrics.score(np.full((2, 2), np.nan), np.array([0, 1]), 2), "must hold probabilities"),
+        (lambda: metrics.score(np.ones((2, 2)) / 2, np.array([0.7, 1.0]), 2), "integer class indices"),
+        (lambda: metrics.score(np.ones((2, 2)) / 2, np.array(["a", "b"]), 2), "integer class indices"),
+        (lambda: metrics.fit_temperature(np.array([[np.inf, 0.0]]), np.array([0])), "logits must be finite"),
     ],
 )
 def test_errors(call, fragment):

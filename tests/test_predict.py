@@ -230,6 +230,13 @@ def test_members_lists_run(base, capsys):
     assert f"{best} (best)" in out and "stacking" in out
 
 
+def test_a_loaded_run_holds_its_recipe_as_run(base, run_copy):
+    assert predict.load_run(base["run"]).recipe.data.test_fraction == 0.25
+    text = (run_copy / "recipe.toml").read_text()  # a [data] key this version does not know
+    (run_copy / "recipe.toml").write_text(text.replace("[data]\n", "[data]\nold_key = 1\n"))
+    assert predict.load_run(run_copy).recipe.data.test_fraction == 0.0  # left at the defaults: predict needs none
+
+
 def test_snapshot_members_map_to_files(base):
     run = predict.load_run(base["run"])
     assert predict.resolve_member(run, "res@s1").weights == "snapshot0.safetensors"

@@ -48,7 +48,7 @@ BAD_OVERRIDES = [
      "ensemble combiner 'stacking' cannot be fitted: The classes, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], are not in class_weight"),
     (["ensemble.meta_params={C=inf}"], "stacking: meta_params C = inf cannot be saved"),
     (["ensemble.meta_learner='knn'", "ensemble.meta_params={n_neighbors=5000}"],
-     "combiner 'stacking' cannot be fitted: Expected n_neighbors <= n_samples_fit"),
+     "combiner 'stacking' cannot be fitted: stacking: meta_params n_neighbors = 5000 is more than the 1149 rows"),
     (["ensemble.combiners=[]"], "ensemble.combiners must be a non-empty list"),
     (["data.path='digits_tree'"], "data.path is read only when data.source = 'folder' (source is 'digits')"),
     (["seed=-1"], "digits_5fold.toml: seed must be in [0, 2**32 - 1], got -1"),
@@ -229,6 +229,10 @@ def test_pretrained_weights_load_but_the_head_and_another_architectures_are_refu
     _, resnet18 = saved("timm:resnet18")  # the same family at another depth: 60 of resnet34's 110 tensors
     with pytest.raises(backbones.BackboneError, match=r"are not ResNet's: \d+ tensors missing \(e\.g\. 'layer1\.2"):
         backbones.create("timm:resnet34", num_classes=10, pretrained=resnet18)
+    (tmp_path / "notes.pt").write_text('{"not": "weights"}')
+    with pytest.raises(backbones.BackboneError) as info:  # torch's own text would suggest unpickling it
+        backbones.create("timm:test_resnet", num_classes=10, pretrained=str(tmp_path / "notes.pt"))
+    assert str(info.value).endswith("not a safetensors file nor a weights-only torch state dict; it is never unpickled")
 
 
 def test_a_pretrained_file_counts_in_the_job_key_by_its_content(tmp_path):
