@@ -701,7 +701,11 @@ class TemperatureScaled(Combiner):
             n_folds = min(self.inner_folds, len(y))
             if n_folds < 2:
                 raise ValueError("TemperatureScaled needs >= 2 rows to calibrate a learning base")
-            proba = cross_val_proba(self.base, logits, y, stratified_folds(y, n_folds))
+            try:
+                proba = cross_val_proba(self.base, logits, y, stratified_folds(y, n_folds))
+            except ValueError as exc:  # the base fitted on all rows, but not on a part of them
+                raise ValueError(f"{self.name}: the temperature is fitted on {self.base.name}'s predictions "
+                                 f"over {n_folds} inner folds of the {len(y)} rows, and one failed: {exc}") from None
         else:
             proba = self.base_.predict_proba(logits)
         self.temperature_ = fit_temperature(np.log(np.maximum(proba, EPS)), y)

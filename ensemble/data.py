@@ -42,7 +42,7 @@ from .progress import bar as progress_bar
 from .store import write_npy, write_text
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision ImageFolder's
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
 _CACHE_VERSION = 2  # bump when the decoded arrays of a source would change
 _CHUNK = 2048  # images decoded (and resized) per batch

@@ -613,6 +613,7 @@ def write_report(run_dir, out_dir=None) -> Path:
     """Write every PNG and index.html to out_dir (default run_dir/report); return index.html."""
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.path / "report"
+    _check_out(out, run)
     out.mkdir(parents=True, exist_ok=True)
     pngs = {}
     for name, fig in build_figures(run).items():
@@ -621,6 +622,23 @@ def write_report(run_dir, out_dir=None) -> Path:
     index = out / "index.html"
     store.write_text(index, render_html(run, pngs))
     return index
+
+
+def _check_out(out: Path, run: Run) -> None:
+    """ReportError for a folder where the report's files would be taken for something else: inside
+    the run folder (but its report/), or inside the images the run reads (PNGs there become images)."""
+    out = out.resolve()
+    if out.is_relative_to(run.path.resolve()) and out != (run.path / "report").resolve():
+        raise ReportError(f"--out {out} is inside the run folder; give {run.path / 'report'} or a folder outside it")
+    try:
+        data = tomllib.loads(run.recipe_text).get("data", {})
+    except tomllib.TOMLDecodeError:
+        return
+    for key in ("path", "test_path"):
+        images = data.get(key) if isinstance(data, dict) else None
+        if isinstance(images, str) and images and out.is_relative_to(Path(images).expanduser().resolve()):
+            raise ReportError(f"--out {out} is inside data.{key} ({images}): its PNGs would be read as images "
+                              "on the next run; give a folder outside it")
 
 
 def main(argv=None) -> int:

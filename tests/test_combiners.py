@@ -314,6 +314,8 @@ def fitted_mean():
         (lambda: comb.make_combiner("stacking", meta_learner="knn").fit(L[:, :3], Y[:3]), ValueError,
          "meta_params n_neighbors = 5 is more than the 3 rows"),
         (lambda: comb.make_combiner("mean+ts", inner_folds=1), ValueError, "inner_folds must be an integer >= 2"),
+        (lambda: comb.make_combiner("stacking+ts").fit(L[:, :2], np.array([0, 1])), ValueError,
+         "stacking[+]ts: the temperature is fitted on stacking's predictions over 2 inner folds of the 2 rows"),
     ],
 )
 def test_errors(call, error, fragment):

@@ -183,9 +183,11 @@ def test_mixed_sizes_and_modes_become_rgb_of_image_size(tmp_path):
     Image.new("RGBA", (11, 11), (10, 20, 30, 40)).save(tree / "b" / "alpha.webp", lossless=True)
     Image.new("RGB", (7, 9), (200, 100, 50)).save(tree / "b" / "scan.TIF")
     Image.new("RGBA", (5, 5), (1, 2, 3, 255)).save(tree / "a" / "opaque.png")  # alpha that hides nothing
+    Image.new("L", (6, 6), 77).save(tree / "b" / "zz.pgm")  # netpbm, as in torchvision's ImageFolder
     with pytest.warns(data.DataNote, match=r"^1 image with transparent pixels \(e\.g\. '.*/b/alpha\.webp'\)"):
         ds = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
-    assert ds.train.x.shape == (11, 3, 12, 12)
+    assert ds.train.x.shape == (12, 3, 12, 12)
+    assert ds.train.x[11, :, 3, 3].tolist() == [77, 77, 77]
     assert ds.train.x[10, :, 6, 6].tolist() == [200, 100, 50]  # b/scan.TIF, last in b
     gray = ds.train.x[3]  # a/gray.png sorts after a/00..02.bmp
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])

@@ -352,6 +352,18 @@ def test_main_refuses_a_file_as_out(tmp_path, capsys):
     assert info.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
 
 
+def test_main_refuses_an_out_inside_the_run_or_its_images(tmp_path, capsys):
+    run = make_run(tmp_path)
+    assert main([str(run), "--out", str(run / "members")]) == 2
+    assert "is inside the run folder" in capsys.readouterr().err
+    images = tmp_path / "images"
+    text = (run / "recipe.toml").read_text()
+    (run / "recipe.toml").write_text(text.replace('source = "synthetic"', f"source = 'folder'\npath = '{images}'"))
+    assert main([str(run), "--out", str(images / "cat")]) == 2
+    assert "is inside data.path" in capsys.readouterr().err and not images.exists()
+    assert main([str(run), "--out", str(run / "report")]) == 0  # its own place
+
+
 def test_main_reports_a_missing_file_on_one_line(tmp_path, capsys):
     run = make_run(tmp_path)
     (run / "members" / "convnext_nano" / "fold0" / "oof_logits.npy").unlink()
