@@ -151,3 +151,82 @@ def test_summary_picks_combiner_and_member_on_oof_rows_not_on_the_unseen_images(
     last = unseen.table(result, recorded, 10).splitlines()[-1]
     assert last == ("on 10 unseen images the best combiner by nested OOF accuracy (mean) is +5.00 points "
                     "against the best member by OOF accuracy (b)")
+
+
+# --------------------------------------------------------------------------- unfinished runs, channels, notes
+
+
+def _no_decoding(monkeypatch):
+    def decoded(*_, **__):
+        raise AssertionError("the run's images were decoded before the cheap checks")
+
+    monkeypatch.setattr(unseen, "load_unseen", decoded)
+
+
+@pytest.mark.parametrize("remove", ["metrics.json", "members/test_efficientnet/fold1/done.json",
+                                    "combiners/index.json"])
+def test_an_unfinished_run_is_refused_before_any_image_is_decoded(remove, finished, tmp_path, capsys, monkeypatch):
+    run = Path(shutil.copytree(finished["run"], tmp_path / "run"))
+    (run / remove).unlink()
+    _no_decoding(monkeypatch)
+    assert unseen.main([str(run), "--cache", str(finished["cache"])]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert f"complete it with `{predict.fit_command(run)}`" in err
+
+
+def test_a_grayscale_run_made_rgb_by_its_colour_test_images_scores_its_grayscale_source(finished, tmp_path, capsys):
+    """fit makes both parts RGB when data.test_path is colour; the unseen images must be RGB too."""
+    digits = load_digits()
+    colour = tmp_path / "colour"
+    for c in range(3):
+        (colour / str(c)).mkdir(parents=True)
+        for i, image in enumerate(digits.images[digits.target == c][40:44]):
+            a = (image * 255 / 16).astype(np.uint8)
+            Image.fromarray(np.stack([a, a // 2, 255 - a], -1), mode="RGB").save(colour / str(c) / f"{i}.png")
+    recipe = (RECIPE.format(tree=finished["tree"])
+              .replace("test_fraction = 0.25", f'test_fraction = 0\ntest_path = "{colour}"')
+              .replace("epochs = 2", "epochs = 1")
+              .replace('[[backbones]]\nname = "timm:test_efficientnet"\n', ""))
+    (tmp_path / "gray.toml").write_text(recipe)
+    rc = fit.main([str(tmp_path / "gray.toml"), "--out", str(tmp_path / "run"), "--quiet", "--no-report",
+                   "--cache", str(finished["cache"])])
+    assert rc == 0 and read_json(tmp_path / "run" / "data.json")["channels"] == 3
+    rc = unseen.main([str(tmp_path / "run"), "--images-per-class", "5", "--cache", str(finished["cache"])])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "on 15 unseen images the best combiner" in captured.out
+
+
+def test_a_note_names_the_classes_short_of_unseen_images(finished, tmp_path, capsys):
+    tree = Path(shutil.copytree(finished["tree"], tmp_path / "tree"))
+    for i in range(PER_CLASS, PER_CLASS + EXTRA):  # class 2 keeps only the run's own 20 images
+        (tree / "2" / f"{i:02d}.png").unlink()
+    rc = unseen.main([str(finished["run"]), "--path", str(tree), "--images-per-class", "12",
+                      "--cache", str(tmp_path / "cache")])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    notes = [line for line in captured.err.splitlines() if line.startswith("note: ")]
+    assert notes == [("note: 1 of 3 classes have no unseen images: 2; 2 have fewer than 12: 0 (10), 1 (10): "
+                      "the unseen accuracies weigh the classes unlike the run's test part")]
+    assert "on 20 unseen images" in captured.out
+
+
+def test_predicting_shows_progress_unless_quiet(finished, capsys):
+    argv = [str(finished["run"]), "--images-per-class", "2", "--cache", str(finished["cache"])]
+    assert unseen.main(argv) == 0
+    err = capsys.readouterr().err
+    assert "predicting test_resnet (1/2): 2 fold models" in err and "predicting test_efficientnet (2/2)" in err
+    assert "predicting: 100%" in err  # predict's own bar
+    assert unseen.main([*argv, "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_unseen_ctrl_c_is_one_line(finished, capsys, monkeypatch):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(unseen, "evaluate", interrupted)
+    assert unseen.main([str(finished["run"]), "--images-per-class", "2", "--cache", str(finished["cache"]),
+                        "--quiet"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     valid = ", ".join(sorted(BENCHMARKS))
     if not argv or argv[0] in ("-h", "--help"):
-        print(f"usage: python -m ensemble.bench <name> [args]; names: {valid}")
+        print(f"usage: python -m ensemble.bench <name> [args]; names: {valid}", file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
     if name not in BENCHMARKS:

@@ -38,3 +38,34 @@ def check_device(parser: argparse.ArgumentParser, name: str, option: str = "--de
         return resolve_device(name)
     except (ValueError, RuntimeError) as exc:
         parser.error(f"{option} {name!r}: {exc}")
+
+
+def check_model_runs(parser: argparse.ArgumentParser, name: str, *, classes: int, channels: int, image_size: int,
+                     batch_size: int, train: bool, stem: str = "default", option: str = "--backbone") -> None:
+    """``parser.error`` when backbone ``name`` cannot take a batch of ``image_size`` images (a ViT built
+    for 224 given 32x32) or, with ``train``, cannot train on batches of ``batch_size`` (1 under batch norm).
+
+    One zero batch of ``min(2, batch_size)`` images forward (and backward when ``train``), as
+    ``fit.check_backbones`` checks a recipe's backbones, so that the benchmark fails now in one line
+    instead of as a traceback from inside a timed loop.
+    """
+    import torch
+
+    from ensemble import backbones
+    from ensemble.fit import _reason
+
+    n = min(2, batch_size) if train else 1
+    try:
+        net = backbones.create(name, num_classes=classes, in_chans=channels, stem=stem)
+        net.train(train)
+        with torch.set_grad_enabled(train):
+            out = net(torch.zeros(n, channels, image_size, image_size))
+            if not isinstance(out, torch.Tensor) or out.shape != (n, classes):
+                raise TypeError(f"it returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
+                                f"not logits of shape {(n, classes)}")
+            if train:
+                out.sum().backward()
+    except Exception as exc:  # noqa: BLE001 - whatever the library raises, the options caused it
+        what = f"train on {image_size}x{image_size} images in batches of {batch_size}" if train \
+            else f"run on {image_size}x{image_size} images"
+        parser.error(f"{option} {name} cannot {what}: {_reason(exc)}")

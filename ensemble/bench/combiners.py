@@ -39,7 +39,8 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.ArgumentParser, argpars
 def random_problem(members: int, rows: int, classes: int, folds: int, seed: int):
     """float32 logits (members, rows, classes), labels (rows,), fold indices (rows,)."""
     rng = np.random.default_rng(seed)
-    logits = rng.normal(scale=2.0, size=(members, rows, classes)).astype(np.float32)
+    logits = rng.standard_normal((members, rows, classes), dtype=np.float32)  # float32 directly: no float64 copy
+    logits *= 2.0
     y = rng.integers(0, classes, size=rows)
     fold_idx = rng.permutation(np.arange(rows) % folds)
     return logits, y, fold_idx
@@ -69,5 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'combiner':<12} {'seconds':>8} {'share':>7} {'nested acc':>11}")
     for name, (seconds, acc) in results.items():
         print(f"{name:<12} {seconds:>8.2f} {seconds / total:>7.1%} {acc:>11.3f}")
-    print(f"total {total:.1f} s (target < {TARGET_S:.0f} s on 2 CPU cores)")
+    defaults = (args.members, args.rows, args.classes, args.folds) == (15, 50_000, 10, 5)
+    print(f"total {total:.1f} s" + (f" (target < {TARGET_S:.0f} s on 2 CPU cores)" if defaults else
+                                   " (the 30 s target is for the default sizes)"))
     return 0

@@ -5,14 +5,18 @@
 
 Side by side in one process, alternating, on the same uint8 images: (a) one forward pass of
 one model (``train.infer``, as ``fit`` scores a fold) and (b) ``predict.member_logits`` over the
-k fold models (k forward passes per image, then the fold mean). Prints images/s of both and
-their ratio, expected near 1/k. Weights are random (speed does not depend on them). Also times
-decoding the same images from PNG files with ``predict.read_inputs``, the other cost of a run.
+k fold models (k forward passes per image, then the fold mean). Each timing repeats its call
+until it has taken at least 0.2 s (a shorter time is mostly timer and scheduling noise), and the
+median of ``--repeats`` such timings is kept. Prints images/s of both and their ratio, expected
+near 1/k, with a warning when it is above 1 (k passes cannot be faster than one: the machine's
+load changed). Weights are random (speed does not depend on them). Also times decoding the same
+images from PNG files with ``predict.read_inputs``, the other cost of a run.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import tempfile
 import time
@@ -23,7 +27,12 @@ import torch
 from PIL import Image
 
 from ensemble import backbones, store
-from ensemble.bench._args import check_at_least, check_backbone, check_device
+from ensemble.bench._args import (
+    check_at_least,
+    check_backbone,
+    check_device,
+    check_model_runs,
+)
 from ensemble.predict import DataInfo, Member, MemberModels, member_logits, read_inputs
 from ensemble.recipe import BackboneConfig
 from ensemble.train import infer
@@ -39,14 +48,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--channels", type=int, default=3, choices=(1, 3), help="image channels (default 3)")
     p.add_argument("--classes", type=int, default=10, help="classes (default 10)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
-    p.add_argument("--repeats", type=int, default=3, help="timed repeats of each side; the median is kept")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda (default auto)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed repeats of each side, alternating; the median is kept (default 3)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
     check_at_least(p, args, {"folds": 1, "images": 1, "image_size": 1, "classes": 2, "batch_size": 1,
                              "repeats": 1, "seed": 0})
     args.device = check_device(p, args.device)
     check_backbone(p, args.backbone)
+    check_model_runs(p, args.backbone, classes=args.classes, channels=args.channels, image_size=args.image_size,
+                     batch_size=args.batch_size, train=False, stem=args.stem)
     return args
 
 
@@ -61,25 +73,30 @@ def fold_models(args: argparse.Namespace, device: torch.device) -> MemberModels:
     return MemberModels(member, models, channels_last=True)
 
 
-def timed(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+MIN_SECONDS = 0.2  # a timing shorter than this is mostly timer and scheduling noise
+CEILING = 1.05  # predict / single above this: k passes beat one, so the machine's speed changed
+
+
+def timed(fn, min_seconds: float = MIN_SECONDS) -> tuple[float, int]:
+    """(seconds per call, calls): ``fn`` called again and again until the calls took ``min_seconds``."""
+    calls, start = 0, time.perf_counter()
+    while True:
         fn()
-        out.append(time.perf_counter() - start)
-    return out
+        calls += 1
+        seconds = time.perf_counter() - start
+        if seconds >= min_seconds:
+            return seconds / calls, calls
 
 
-def decode_rate(x: torch.Tensor, info: DataInfo) -> float:
-    """Images/s of read_inputs on ``x`` (N, C, S, S) written as PNG files."""
+def decode_rate(x: torch.Tensor, info: DataInfo, repeats: int) -> float:
+    """Images/s of read_inputs on ``x`` (N, C, S, S) written as PNG files (median of ``repeats`` timings)."""
     with tempfile.TemporaryDirectory() as tmp:
         for i, img in enumerate(x.numpy()):
             Image.fromarray(img.transpose(1, 2, 0).squeeze(-1) if img.shape[0] == 1 else img.transpose(1, 2, 0)) \
                 .save(Path(tmp) / f"{i:05d}.png")
         read_inputs([str(Path(tmp) / "00000.png")], info)  # warm-up: imports, decoder set-up
-        start = time.perf_counter()
+        seconds = statistics.median(timed(lambda: read_inputs([tmp], info))[0] for _ in range(repeats))
         got = read_inputs([tmp], info)
-        seconds = time.perf_counter() - start
     assert torch.equal(got.x, x), "decoded PNGs differ from the images written"
     return len(x) / seconds
 
@@ -103,18 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     single(), ensemble()  # warm-up (allocator, oneDNN/cuDNN kernel choice)
     a, b = [], []
     for _ in range(args.repeats):  # alternate, so that load changes hit both sides alike
-        a += timed(single, 1)
-        b += timed(ensemble, 1)
-    sa, sb = statistics.median(a), statistics.median(b)
+        a.append(timed(single))
+        b.append(timed(ensemble))
+    (sa, na), (sb, nb) = (statistics.median_low(t) for t in (a, b))  # median time, with its number of calls
     check = member_logits([member], x[:8], mean, std, device, batch_size=args.batch_size)[0]
     expected = torch.stack([infer(m, x[:8], mean, std, device, channels_last=True) for m in member.models]).mean(0)
     assert np.allclose(check, expected.numpy(), atol=1e-4), "member_logits is not the fold mean"
     info = DataInfo(tuple(map(str, range(args.classes))), args.channels, args.image_size, mean, std)
     print(f"{args.backbone} ({args.stem} stem), {args.images} random {args.channels}x{args.image_size}x"
           f"{args.image_size} images, batch {args.batch_size}, {device} with {torch.get_num_threads()} threads, "
-          f"median of {args.repeats}")
-    print(f"{'single forward pass (1 model)':<36} {args.images / sa:>9.1f} images/s  ({sa:.2f} s)")
-    print(f"{f'predict, {args.folds} folds (fold mean)':<36} {args.images / sb:>9.1f} images/s  ({sb:.2f} s)")
+          f"median of {args.repeats}, each timing >= {MIN_SECONDS} s; load average {os.getloadavg()[0]:.2f}")
+    folds = f"{args.folds} fold{'s' if args.folds > 1 else ''}"
+    print(f"{'single forward pass (1 model)':<36} {args.images / sa:>9.1f} images/s  ({sa:.3f} s a call, {na} calls)")
+    print(f"{f'predict, {folds} (fold mean)':<36} {args.images / sb:>9.1f} images/s  ({sb:.3f} s a call, {nb} calls)")
     print(f"ratio predict / single: {sa / sb:.3f} (1/{args.folds} = {1 / args.folds:.3f})")
-    print(f"{'decoding PNG files (read_inputs)':<36} {decode_rate(x, info):>9.1f} images/s")
+    if sa / sb > CEILING:
+        print(f"warning: unreliable: predict over {folds} ran faster than one forward pass, which it cannot; "
+              f"the machine's speed changed during the run (load average now {os.getloadavg()[0]:.2f}): "
+              "rerun on an idle machine")
+    print(f"{'decoding PNG files (read_inputs)':<36} {decode_rate(x, info, args.repeats):>9.1f} images/s")
     return 0

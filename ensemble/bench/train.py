@@ -18,18 +18,22 @@ warm-up and number of timed steps. (a) and (b) use the toolkit's memory format (
 recipe default); (c) trains NCHW as a notebook does, or, with ``--classic-channels-last``, in the
 toolkit's format too, so that only the source of the batches differs.
 
-``(warmup + steps) * batch-size`` images are extracted from the archive to a temporary ImageFolder,
+``(warmup + steps) * batch-size`` images, spread evenly over the classes, are extracted from the
+archive (32x32 images only, so that (b) and (c) do the same work) to a temporary ImageFolder,
 which (b) reads through the toolkit's own ``folder`` loader and (c) through torchvision. Each of
 ``--rounds`` rounds times ``--steps`` steps of a, b and c in turn (rotating the order), so that
 changes in the machine's speed fall on all three alike. Prints img/s of each and the ratios b/a
-and b/c (over all rounds, and per round) against the targets for 2 CPU cores.
+and b/c, each the median over the rounds (and per round), against the targets for 2 CPU cores
+(set for the default batch size and threads). A warning follows when the rounds disagree by more
+than 1.5x or b/a exceeds 1.05 ((a) is the ceiling of (b)): the machine's load changed under the run.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import io
 import os
+import statistics
 import sys
 import tarfile
 import tempfile
@@ -40,12 +44,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from ensemble.bench._args import check_at_least, check_backbone
+from ensemble.bench._args import check_at_least, check_backbone, check_model_runs
 
 # b/a and b/c targets on 2 CPU cores (the issue's acceptance figures)
 TARGETS = {"timm:test_resnet": {"b/a": 0.90, "b/c": 2.0}, "timm:resnet18": {"b/a": 0.95}}
 DEFAULT_ARCHIVE = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "cifar10" / "train.tar.gz"
 IMAGE_SIZE = 32
+DEFAULT_BATCH, DEFAULT_THREADS = 128, 2  # the settings the targets are for
+SPREAD = 1.5  # max/min of the per-round ratios above which the rounds are said to disagree
+CEILING = 1.05  # b/a above this: (b) beat its own ceiling (a), so the machine's speed changed
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -57,8 +64,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed steps before the first round; before every round for (c) (default 3)")
     p.add_argument("--rounds", type=int, default=8, help="rounds; each times a, b and c in turn (default 8)")
-    p.add_argument("--batch-size", type=int, default=128, help="images per step (default 128)")
-    p.add_argument("--threads", type=int, default=2, help="torch threads of the training process (default 2)")
+    p.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help=f"images per step (default {DEFAULT_BATCH})")
+    p.add_argument("--threads", type=int, default=DEFAULT_THREADS,
+                   help=f"torch threads of the training process (default {DEFAULT_THREADS})")
     p.add_argument("--workers", type=int, default=2, help="DataLoader worker processes of (c) (default 2)")
     p.add_argument("--classic-channels-last", action="store_true",
                    help="train (c) in the toolkit's memory format too, so that b/c compares the data paths "
@@ -69,34 +77,51 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     check_at_least(p, args, {"steps": 1, "warmup": 0, "rounds": 1, "batch_size": 1, "threads": 1, "workers": 0})
     check_backbone(p, args.backbone)
+    check_model_runs(p, args.backbone, classes=10, channels=3, image_size=IMAGE_SIZE, batch_size=args.batch_size,
+                     train=True)
     return args
 
 
 # --------------------------------------------------------------------------- images
 
 
-def extract_subset(archive: Path, per_class: int, out: Path) -> int:
-    """Write the first ``per_class`` images of every class folder in ``archive`` to ``out/<class>/``.
+def extract_subset(archive: Path, n: int, out: Path) -> int:
+    """Write ``n`` images of ``archive``, spread evenly over its class folders, to ``out/<class>/``.
 
-    The archive holds ``[top/]<class>/<image>`` members; returns the number of images written.
+    The archive holds ``[top/]<class>/<image>`` members; the first images of each class are taken,
+    round-robin over the classes, until ``n`` are written or the archive has no more. Returns the
+    number written. Raises ValueError for fewer than 2 classes or an image that is not 32x32
+    (tarfile.TarError for a file that is no tar archive).
     """
+    from PIL import Image
+
     from ensemble import data
 
-    counts: dict[str, int] = {}
+    kept: dict[str, list[tuple[str, bytes]]] = {}  # class -> its first n images, in archive order
     with tarfile.open(archive, mode="r|*") as tf:
         for member in tf:
             parts = [p for p in member.name.split("/") if p not in ("", ".")]
             if not member.isfile() or len(parts) < 2 or data.is_hidden(tuple(parts)) or not data.is_image(parts[-1]):
                 continue
-            label = parts[-2]
-            if counts.get(label, 0) >= per_class:
-                continue
-            (out / label).mkdir(parents=True, exist_ok=True)
-            (out / label / parts[-1]).write_bytes(tf.extractfile(member).read())
-            counts[label] = counts.get(label, 0) + 1
-    if len(counts) < 2:
-        raise ValueError(f"{archive}: expected class folders of images, found {len(counts)} class(es)")
-    return sum(counts.values())
+            images = kept.setdefault(parts[-2], [])
+            if len(images) < n:
+                images.append((parts[-1], tf.extractfile(member).read()))
+    if len(kept) < 2:
+        raise ValueError(f"'{archive}': expected class folders of images, found {len(kept)} class(es)")
+    order = sorted(((i, label) for label, images in kept.items() for i in range(len(images))))[:n]  # round-robin
+    for i, label in order:
+        name, blob = kept[label][i]
+        try:
+            with Image.open(io.BytesIO(blob)) as im:
+                size = im.size
+        except Exception as exc:  # noqa: BLE001 - PIL raises many types for a damaged file
+            raise ValueError(f"'{archive}': {label}/{name} is no readable image ({data.pil_reason(exc)})") from None
+        if size != (IMAGE_SIZE, IMAGE_SIZE):
+            raise ValueError(f"'{archive}': {label}/{name} is {size[0]}x{size[1]}; this benchmark needs "
+                             f"{IMAGE_SIZE}x{IMAGE_SIZE} images, so that (b) and (c) do the same work")
+        (out / label).mkdir(parents=True, exist_ok=True)
+        (out / label / name).write_bytes(blob)
+    return len(order)
 
 
 def load_toolkit_images(folder: Path, cache: Path):
@@ -246,39 +271,79 @@ def measure(loops: dict[str, Callable[[], float]], rounds: int) -> dict[str, lis
 
 
 def report(args, seconds: dict[str, list[float]]) -> dict[str, float]:
-    """Print img/s of each loop (all rounds together) and the ratios; returns the ratios."""
+    """Print img/s of each loop and the ratios b/a and b/c, each the median over the rounds, with a
+    warning when the rounds disagree or b beats its ceiling a; returns the ratios.
+
+    Medians, not rates pooled over all rounds: one round slowed by another process would decide a
+    pooled figure (and its verdict) alone.
+    """
     images = args.steps * args.batch_size
-    rate = {k: images * len(v) / sum(v) for k, v in seconds.items()}
     labels = {"a": "model (synthetic tensors)", "b": "toolkit step", "c": "classic DataLoader loop"}
     for k in ("a", "b", "c"):
-        per_round = ", ".join(f"{images / s:.0f}" for s in seconds[k])
-        print(f"({k}) {labels[k]:<27} {rate[k]:>8.0f} img/s   (rounds: {per_round})")
+        rates = [images / s for s in seconds[k]]
+        per_round = ", ".join(f"{r:.0f}" for r in rates)
+        print(f"({k}) {labels[k]:<27} {statistics.median(rates):>8.0f} img/s   (median of rounds: {per_round})")
     targets = TARGETS.get(args.backbone, {})
-    ratios = {"b/a": rate["b"] / rate["a"], "b/c": rate["b"] / rate["c"]}
-    for key, value in ratios.items():
+    at_defaults = (args.batch_size, args.threads) == (DEFAULT_BATCH, DEFAULT_THREADS)
+    ratios, warnings = {}, []
+    for key in ("b/a", "b/c"):
         num, den = key.split("/")
-        per_round = ", ".join(f"{sd / sn:.2f}" for sn, sd in zip(seconds[num], seconds[den]))
-        target = f"  target >= {targets[key]:.2f} on 2 CPU cores:" if key in targets else ""
-        verdict = (" met" if value >= targets[key] else " NOT met") if key in targets else ""
-        print(f"{key} = {value:.3f}   (rounds: {per_round}){target}{verdict}")
+        rounds = [sd / sn for sn, sd in zip(seconds[num], seconds[den])]  # rate ratio = inverse time ratio
+        ratios[key] = value = statistics.median(rounds)
+        per_round = ", ".join(f"{r:.2f}" for r in rounds)
+        spread = max(rounds) / min(rounds)
+        if spread > SPREAD:
+            warnings.append(f"{key}: the rounds vary {spread:.1f}x ({min(rounds):.2f} .. {max(rounds):.2f})")
+        if key == "b/a" and value > CEILING:
+            warnings.append(f"b/a = {value:.3f} > 1: the toolkit step beat the model alone, its ceiling")
+        target = verdict = ""
+        if key in targets:
+            target = f"  target >= {targets[key]:.2f} on 2 CPU cores"
+            target += ":" if at_defaults else f" (set for batch {DEFAULT_BATCH}, {DEFAULT_THREADS} threads):"
+            verdict = " met" if value >= targets[key] else " NOT met"
+        print(f"{key} = {value:.3f} median   (rounds: {per_round}){target}{verdict}")
+    if warnings:
+        print(f"warning: unreliable: {'; '.join(warnings)}; the machine's speed changed during the run "
+              f"(load average now {os.getloadavg()[0]:.2f}): rerun on an idle machine")
+    else:
+        print(f"load average now {os.getloadavg()[0]:.2f}")
     return ratios
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        return bench(args)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def bench(args: argparse.Namespace) -> int:
     from ensemble.recipe import TrainConfig
 
-    args = parse_args(argv)
     archive = args.archive.resolve()
+    wanted = ("pass --archive PATH to a tar(.gz) of a CIFAR-style ImageFolder (class folders of 32x32 images), "
+              "e.g. the CIFAR-10 training set")
+    if archive.is_dir():
+        print(f"error: '{archive}' is a folder, not a tar(.gz); {wanted}", file=sys.stderr)
+        return 2
     if not archive.is_file():
-        print(f"error: no archive at '{archive}'; pass --archive PATH to a tar(.gz) of a CIFAR-style "
-              "ImageFolder (class folders of 32x32 images), e.g. the CIFAR-10 training set", file=sys.stderr)
+        print(f"error: no archive at '{archive}'; {wanted}", file=sys.stderr)
         return 2
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(batch_size=args.batch_size)  # recipe defaults: SGD, flip + crop, channels_last
     with tempfile.TemporaryDirectory(prefix="ensemble-bench-") as tmp:
         folder = Path(tmp) / "images"
         n_needed = (args.warmup + args.steps) * args.batch_size
-        n = extract_subset(archive, math.ceil(n_needed / 10), folder)
+        try:
+            n = extract_subset(archive, n_needed, folder)
+        except (tarfile.TarError, EOFError, OSError) as exc:
+            print(f"error: '{archive}' is not a readable tar(.gz) archive ({exc}); {wanted}", file=sys.stderr)
+            return 2
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
         if n < n_needed:
             print(f"error: {args.warmup + args.steps} steps of {args.batch_size} need {n_needed} images; "
                   f"'{archive}' gave {n}: lower --steps or --batch-size", file=sys.stderr)

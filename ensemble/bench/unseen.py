@@ -12,7 +12,9 @@ a point between two such sets by chance alone (binomial standard error near 0.8 
 3,000 images and 72%); comparing the two sets shows how much of a gap is that noise.
 
 Before scoring, the run's subset is rebuilt from the source and its fingerprint checked
-against ``data.json``: a changed or different archive is refused, not silently scored.
+against ``data.json``: a changed or different archive is refused, not silently scored. An
+unfinished run (no metrics.json, no fitted combiner, a fold not done) is refused before any image
+is decoded. A note names the classes with fewer unseen images than asked (or none).
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--path", help="the run's image folder or archive, where it has moved (default: the recipe's data.path)")
     p.add_argument("--cache", type=Path, help="decoded-image cache (default: fit's)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or progress lines")
     args = p.parse_args(argv)
     check_at_least(p, args, {"images_per_class": 1})
     return args
@@ -71,11 +74,33 @@ def data_config(run: predict.Run, path: str | None):
     return cfg, recipe.seed
 
 
-def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int) -> data.Images:
-    """Rebuild the run's subset from the source (fingerprint checked), then take the images after it."""
+def check_finished(run: predict.Run) -> tuple[dict, dict, dict[str, predict.Member]]:
+    """Cheap checks before any image is decoded: metrics.json, the fitted combiners and every fold of
+    every member they need are there. Returns (metrics.json, {name: load_method(...)}, {name: Member})."""
+    if not (run.dir / "metrics.json").is_file():
+        raise RunError(f"{run.dir}: no metrics.json: the run is unfinished; complete it with "
+                       f"`{predict.fit_command(run.dir)}`")
+    recorded = store.read_json(run.dir / "metrics.json")
+    if not run.combiners:
+        raise RunError(f"{run.dir}: no fitted combiner; complete it with `{predict.fit_command(run.dir)}`")
+    fitted = {name: predict.load_method(run, name) for name in run.combiners}
+    members = {b.alias: predict.resolve_member(run, b.alias) for b in run.recipe.backbones}
+    members |= {m.name: m for _, _, ms in fitted.values() for m in ms}
+    for m in members.values():
+        for k in range(run.recipe.cv.folds):
+            folder = store.job_dir(run.dir, m.backbone.alias, k)
+            if not (folder / "done.json").is_file():
+                raise RunError(f"{folder}: job not finished (no done.json): the run is unfinished; complete it "
+                               f"with `{predict.fit_command(run.dir)}`")
+    return recorded, fitted, members
+
+
+def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int, progress: bool = True) -> data.Images:
+    """Rebuild the run's subset from the source (fingerprint checked), then take the images after it,
+    with the run's channels (a grayscale source becomes RGB where the run's test images made it so)."""
     try:
         with data.notes_printed():
-            source, source_test = data.read_source(cfg, cache)
+            source, source_test = data.read_source(cfg, cache, progress)
         used = data.select(source, source_test, cfg, seed)
     except data.DataError as exc:
         raise RunError(str(exc)) from None
@@ -88,22 +113,43 @@ def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int)
     idx = unseen_indices(source.y.numpy(), cfg.per_class, per_class_n)
     if not len(idx):
         raise RunError(f"{cfg.path}: no class has more than data.per_class = {cfg.per_class} images; nothing is unseen")
-    return data._subset(source, idx)
+    unseen = data._subset(source, idx)
+    return data.Images(data._to_channels(unseen.x, run.data.channels), unseen.y, unseen.classes)
 
 
-def evaluate(run: predict.Run, images: data.Images, device: torch.device) -> dict[str, dict]:
-    """Metrics on ``images`` of every member (final model) and every fitted combiner."""
-    if run.combiners is None:
-        raise RunError(f"{run.dir}: no fitted combiner; complete it with `{predict.fit_command(run.dir)}`")
-    fitted = {name: predict.load_method(run, name) for name in run.combiners}
-    members = {b.alias: predict.resolve_member(run, b.alias) for b in run.recipe.backbones}
-    members |= {m.name: m for _, _, ms in fitted.values() for m in ms}
+def short_classes_note(images: data.Images, classes: tuple[str, ...], per_class_n: int) -> str | None:
+    """A note naming the classes with fewer than ``per_class_n`` unseen images (or none), else None."""
+    counts = np.bincount(images.y.numpy(), minlength=len(classes))
+    none = [classes[c] for c in np.flatnonzero(counts == 0)]
+    fewer = [f"{classes[c]} ({counts[c]})" for c in np.flatnonzero((counts > 0) & (counts < per_class_n))]
+
+    def listed(names):
+        return ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+    parts = ([f"{len(none)} of {len(classes)} classes have no unseen images: {listed(none)}"] if none else []) + \
+            ([f"{len(fewer)} have fewer than {per_class_n}: {listed(fewer)}"] if fewer else [])
+    if not parts:
+        return None
+    return "; ".join(parts) + ": the unseen accuracies weigh the classes unlike the run's test part"
+
+
+def evaluate(run: predict.Run, images: data.Images, device: torch.device, checked=None,
+             progress: bool = False) -> dict[str, dict]:
+    """Metrics on ``images`` of every member (final model) and every fitted combiner.
+
+    ``checked``: :func:`check_finished`'s result, when already taken."""
+    _, fitted, members = checked or check_finished(run)
     by_weights = {}  # `alias` and `alias@sS` (the final snapshot) are the same models: predicted once
+    todo = list(dict.fromkeys((m.backbone.alias, m.weights) for m in members.values()))
     for m in members.values():
         key = (m.backbone.alias, m.weights)
         if key not in by_weights:  # one member's fold models in memory at a time
+            if progress:
+                print(f"predicting {m.name} ({len(by_weights) + 1}/{len(todo)}): {run.recipe.cv.folds} fold models",
+                      file=sys.stderr, flush=True)
             models = predict.load_members(run, [m], device)
-            by_weights[key] = predict.member_logits(models, images.x, run.data.mean, run.data.std, device)[0]
+            by_weights[key] = predict.member_logits(models, images.x, run.data.mean, run.data.std, device,
+                                                    progress=progress)[0]
     logits = {name: by_weights[(m.backbone.alias, m.weights)] for name, m in members.items()}
     y, n_classes = images.y.numpy(), len(run.data.classes)
     out = {"members": {}, "combiners": {}}
@@ -120,7 +166,8 @@ def table(result: dict, recorded: dict, n: int) -> str:
     lines = [f"{'':9s} {'name':28s} {'test acc':>9s} {'unseen acc':>11s} {'unseen f1':>10s} {'unseen nll':>11s}",
              "-" * 82]
     for kind in ("members", "combiners"):
-        for name, m in sorted(result[kind].items(), key=lambda kv: -kv[1]["accuracy"]):
+        # in fit's order (by OOF rank): sorting by unseen accuracy would read as a choice made on them
+        for name, m in sorted(result[kind].items(), key=lambda kv: rank(recorded[kind][kv[0]]), reverse=True):
             test = recorded[kind][name].get("test", {}).get("accuracy")
             test_text = f"{test:9.4f}" if test is not None else f"{'-':>9s}"
             lines.append(f"{kind[:-1]:9s} {name:28s} {test_text} {m['accuracy']:11.4f} {m['f1']:10.4f} {m['nll']:11.4f}")
@@ -139,13 +186,20 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     try:
         run = predict.load_run(args.run)
+        checked = check_finished(run)  # before the expensive part: decoding and predicting
         cfg, seed = data_config(run, args.path)
         device = predict.inference_device(args.device)
-        images = load_unseen(run, cfg, seed, args.cache or default_cache_dir(), args.images_per_class)
-        result = evaluate(run, images, device)
-        recorded = store.read_json(run.dir / "metrics.json")  # RunError when missing: the run is unfinished
+        images = load_unseen(run, cfg, seed, args.cache or default_cache_dir(), args.images_per_class,
+                             progress=not args.quiet)
+        note = short_classes_note(images, run.data.classes, args.images_per_class)
+        if note:
+            print(f"note: {note}", file=sys.stderr)
+        result = evaluate(run, images, device, checked, progress=not args.quiet)
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(table(result, recorded, len(images.y)))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    print(table(result, checked[0], len(images.y)))
     return 0
