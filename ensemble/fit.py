@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="(backbone, fold) jobs run at once (default 1); ignored on Dask; on Ray it caps the "
                         "pool (1 = the whole cluster)")
     p.add_argument("--gpus-per-job", type=float, default=1.0,
-                   help="GPU share a job asks a Dask/Ray cluster for (default 1; 0.25 = four jobs per card)")
+                   help="GPU share a job asks a Dask/Ray cluster for, in (0, 1] (default 1; 0.25 = four jobs per card)")
     p.add_argument("--backend", choices=("loky", "dask", "ray"), default="loky",
                    help="joblib backend: local processes (loky), or a Dask / Ray cluster")
     p.add_argument("--scheduler", help="Dask scheduler address, e.g. tcp://HOST:8786 (with --backend dask)")
@@ -56,8 +56,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.jobs < 1:
         p.error(f"--jobs must be >= 1, got {args.jobs}")
-    if not args.gpus_per_job > 0:
-        p.error(f"--gpus-per-job must be > 0, got {args.gpus_per_job}")
+    if not 0 < args.gpus_per_job <= 1:
+        p.error(f"--gpus-per-job must be in (0, 1] (a job trains on one GPU), got {args.gpus_per_job}")
     if args.scheduler and args.backend != "dask":
         p.error("--scheduler names a Dask scheduler: add --backend dask")
     if args.address and args.backend != "ray":

@@ -154,6 +154,21 @@ def _run_job_ray(job: Job, data_ref, run_dir: Path, threads: int, progress: bool
     return run_job(job, ray.get(data_ref), run_dir, threads, progress)
 
 
+_INIT_LOCK = threading.Lock()
+
+
+def build_model(job: Job, n_classes: int, channels: int) -> torch.nn.Module:
+    """The job's model, its weights drawn from torch's random state seeded with ``job.seed`` (which
+    then goes on into training: dropout). Under a lock, so that jobs started at once in threads of
+    one process (a Dask worker with --nthreads > 1) cannot reseed it in the middle of each other's
+    draws; their training draws still share it, hence one job per process for equal logits."""
+    with _INIT_LOCK:
+        torch.manual_seed(job.seed)
+        return backbones.create(job.backbone.name, num_classes=n_classes, in_chans=channels,
+                                stem=job.backbone.stem, pretrained=job.backbone.pretrained,
+                                model_args=job.backbone.model_args)
+
+
 def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, device: str | None) -> dict:
     from .train import resolve_device, train_member
 
@@ -162,28 +177,25 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
     held_out = data.folds == job.fold
     x, y = np.asarray(data.x), np.asarray(data.y)  # read-only memory maps in worker processes
     train_rows, val_rows = np.flatnonzero(~held_out), np.flatnonzero(held_out)
-    torch.manual_seed(job.seed)
-    model = backbones.create(
-        job.backbone.name,
-        num_classes=data.n_classes,
-        in_chans=x.shape[1],
-        stem=job.backbone.stem,
-        pretrained=job.backbone.pretrained,
-        model_args=job.backbone.model_args,
-    )
-    output = train_member(
-        model,
-        job.backbone.train,
-        train=(torch.from_numpy(x[train_rows]), torch.from_numpy(y[train_rows])),  # fancy indexing copies
-        val=(torch.from_numpy(x[val_rows]), torch.from_numpy(y[val_rows])),
-        test_x=None if data.x_test is None else torch.from_numpy(np.array(data.x_test)),  # a writable copy
-        mean=data.mean,
-        std=data.std,
-        seed=job.seed,
-        device=dev,
-        progress=progress,
-        desc=f"{job.alias} fold{job.fold}",
-    )
+    model = build_model(job, data.n_classes, x.shape[1])
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # the batch shape is fixed: let cuDNN pick its fastest kernels
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():  # not GPU 0's context
+        output = train_member(
+            model,
+            job.backbone.train,
+            train=(torch.from_numpy(x[train_rows]), torch.from_numpy(y[train_rows])),  # fancy indexing copies
+            val=(torch.from_numpy(x[val_rows]), torch.from_numpy(y[val_rows])),
+            test_x=None if data.x_test is None else torch.from_numpy(np.array(data.x_test)),  # a writable copy
+            mean=data.mean,
+            std=data.std,
+            seed=job.seed,
+            device=dev,
+            progress=progress,
+            desc=f"{job.alias} fold{job.fold}",
+        )
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()  # a worker process trains many jobs, maybe on other GPUs
     seconds = time.perf_counter() - t0
     meta = {
         "key": job.key,
@@ -291,8 +303,8 @@ def run_all(
         return
     if backend not in ("loky", "dask", "ray"):
         raise ValueError(f"backend must be 'loky', 'dask' or 'ray', got {backend!r}")
-    if gpus_per_job <= 0:
-        raise ValueError(f"gpus_per_job must be > 0, got {gpus_per_job}")
+    if not 0 < gpus_per_job <= 1:
+        raise ValueError(f"gpus_per_job must be in (0, 1] (a job trains on one GPU), got {gpus_per_job}")
     if backend == "loky":
         yield from _run_local(jobs, data, run_dir, n_jobs or 1, progress)
     elif backend == "dask":
@@ -361,7 +373,7 @@ def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: fl
     from joblib import Parallel, delayed, parallel_config
 
     client = get_client()
-    resources = {"GPU": gpus_per_job} if dask_has_gpus(client) else {}
+    resources = dask_resources(dask_worker_gpus(client), gpus_per_job)
     if sum(client.ncores().values()) == 1:
         shared = client.scatter(data, broadcast=True)
         for job in jobs:
@@ -375,13 +387,24 @@ def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: fl
     yield from results
 
 
-def dask_has_gpus(client) -> bool:
-    """Whether any worker of the Dask cluster declares a "GPU" resource."""
+def dask_resources(worker_gpus: list[float], gpus_per_job: float) -> dict:
+    """The resources each job asks Dask for: ``gpus_per_job`` GPUs where some worker declares GPUs.
+    ClusterError when no worker declares that much: the jobs would wait for ever."""
+    if not any(worker_gpus):
+        return {}
+    if gpus_per_job > max(worker_gpus):
+        raise ClusterError(f"--gpus-per-job {gpus_per_job:g} is more than any Dask worker declares (at most "
+                           f"GPU={max(worker_gpus):g}); lower it, or start workers with --resources GPU=1")
+    return {"GPU": gpus_per_job}
+
+
+def dask_worker_gpus(client) -> list[float]:
+    """The "GPU" resource each worker of the Dask cluster declares (0 for none)."""
     try:
         info = client.scheduler_info(n_workers=-1)  # every worker, not the first few
     except TypeError:  # distributed before 2025 lists all workers and takes no n_workers
         info = client.scheduler_info()
-    return any(w.get("resources", {}).get("GPU", 0) > 0 for w in info["workers"].values())
+    return [float(w.get("resources", {}).get("GPU", 0)) for w in info["workers"].values()]
 
 
 def _run_ray(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int | None, gpus_per_job: float):
@@ -395,7 +418,8 @@ def _run_ray(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int | Non
 
     resources = ray.cluster_resources()
     gpus = gpus_per_job if resources.get("GPU", 0) > 0 else 0.0
-    n = ray_pool_size(resources.get("CPU", 1), resources.get("GPU", 0), n_jobs, gpus_per_job)
+    node_gpus = [n["Resources"].get("GPU", 0) for n in ray.nodes() if n.get("Alive")]
+    n = ray_pool_size(resources.get("CPU", 1), node_gpus, n_jobs, gpus_per_job)
     shared = ray.put(data)
     if n == 1:
         remote = ray.remote(run_job).options(num_cpus=1, num_gpus=gpus)
@@ -408,16 +432,18 @@ def _run_ray(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int | Non
     yield from results
 
 
-def ray_pool_size(cpus: float, gpus: float, n_jobs: int | None, gpus_per_job: float) -> int:
+def ray_pool_size(cpus: float, node_gpus: list[float], n_jobs: int | None, gpus_per_job: float) -> int:
     """Actors in the Ray pool: no more than the cluster can place at once.
 
-    One CPU each, and ``gpus_per_job`` of a GPU each when the cluster has GPUs (Ray
-    waits for every actor of a pool to start, so an unplaceable one would hang).
-    ``n_jobs`` > 1 caps it; None, 1 or -1 takes every slot.
+    One CPU each, and ``gpus_per_job`` of a GPU each when the cluster has GPUs, counted node by
+    node (``node_gpus``: an actor's share cannot straddle two nodes; Ray waits for every actor of a
+    pool to start, so an unplaceable one would hang). ``n_jobs`` > 1 caps it; None, 1 or -1 takes
+    every slot.
     """
     capacity = max(1, int(cpus))
-    if gpus > 0:
-        capacity = min(capacity, max(1, int(gpus / gpus_per_job + 1e-9)))
+    if any(g > 0 for g in node_gpus):
+        slots = sum(int(g / gpus_per_job + 1e-9) for g in node_gpus)
+        capacity = min(capacity, max(1, slots))
     return capacity if n_jobs in (None, 1, -1) else max(1, min(n_jobs, capacity))
 
 
@@ -470,7 +496,7 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
                 client = Client(scheduler)
             else:
                 with _sigint_ignored():  # the local workers inherit it: Ctrl-C stops fit, and fit stops them
-                    client = Client(processes=True)
+                    client = Client(processes=True, threads_per_worker=1)  # one job per process
         except OSError as exc:  # unreachable address, timeout
             raise ClusterError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from None
         with client:

@@ -3,6 +3,7 @@ step, and the training benchmark, on a tiny digits recipe (2 backbones x 2 folds
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import logging
@@ -127,7 +128,8 @@ def test_claim_gpu_gives_concurrent_jobs_distinct_slots_round_robin_over_gpus(tm
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(backend="spark"), "backend must be 'loky', 'dask' or 'ray', got 'spark'"),
-    (dict(gpus_per_job=0.0), "gpus_per_job must be > 0, got 0.0"),
+    (dict(gpus_per_job=0.0), r"gpus_per_job must be in \(0, 1\] \(a job trains on one GPU\), got 0.0"),
+    (dict(gpus_per_job=2.0), r"gpus_per_job must be in \(0, 1\]"),
 ])
 def test_run_all_rejects_bad_arguments(kwargs, message, tmp_path):
     job = jobs.Job("a", 0, None, "key", 0)
@@ -144,7 +146,7 @@ def test_dask_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None,
                                   silence_logs=logging.ERROR, resources={"GPU": 1}) as cluster:
         with distributed.Client(cluster) as client:
-            assert jobs.dask_has_gpus(client)
+            assert jobs.dask_worker_gpus(client) == [1.0, 1.0]
         run = _fit(tmp_path, "dask", "--backend", "dask", "--scheduler", cluster.scheduler_address)
         cluster.scale(1)  # a one-slot cluster: joblib would run it in this process; the jobs must still go there
         with distributed.Client(cluster) as client:
@@ -205,18 +207,65 @@ def test_ray_local_cluster_gives_the_local_oof_logits(local_run, tmp_path):
     assert_same_oof(run, local_run)
 
 
+@pytest.mark.parametrize("worker_gpus, gpus_per_job, resources", [
+    ([0, 0], 1.0, {}),  # a CPU cluster: jobs ask for no GPU
+    ([1, 1], 0.25, {"GPU": 0.25}),
+    ([0, 0.5], 0.5, {"GPU": 0.5}),  # only the GPU worker can take them
+])
+def test_dask_jobs_ask_for_their_gpu_share_where_workers_have_gpus(worker_gpus, gpus_per_job, resources):
+    assert jobs.dask_resources(worker_gpus, gpus_per_job) == resources
+
+
+def test_a_gpu_share_no_dask_worker_has_is_an_error_not_a_hang():
+    with pytest.raises(jobs.ClusterError, match=r"--gpus-per-job 1 is more than any Dask worker declares "
+                                                r"\(at most GPU=0.5\)"):
+        jobs.dask_resources([0.5, 0.5], 1.0)
+
+
 @pytest.mark.parametrize("cpus, gpus, n_jobs, gpus_per_job, size", [
-    (8, 0, None, 1.0, 8),  # CPU cluster: one actor per CPU
-    (8, 0, 1, 1.0, 8),  # --jobs 1 (fit's default) still takes the whole cluster
-    (8, 0, 3, 1.0, 3),  # --jobs caps it
-    (8, 2, None, 1.0, 2),  # one job per GPU
-    (8, 2, None, 0.25, 8),  # four small jobs per GPU, capped by the CPUs
-    (16, 2, None, 0.25, 8),
-    (4, 1, 16, 0.5, 2),
-    (1.5, 0, None, 1.0, 1),
+    (8, [0], None, 1.0, 8),  # CPU cluster: one actor per CPU
+    (8, [0], 1, 1.0, 8),  # --jobs 1 (fit's default) still takes the whole cluster
+    (8, [0], 3, 1.0, 3),  # --jobs caps it
+    (8, [2], None, 1.0, 2),  # one job per GPU
+    (8, [2], None, 0.25, 8),  # four small jobs per GPU, capped by the CPUs
+    (16, [2], None, 0.25, 8),
+    (4, [1], 16, 0.5, 2),
+    (1.5, [0], None, 1.0, 1),
+    (8, [1, 1], None, 0.4, 4),  # two 1-GPU nodes hold two 0.4 shares each, not 2 / 0.4 = 5
+    (8, [0, 2], None, 1.0, 2),  # a CPU node and a 2-GPU node
 ])
 def test_ray_pool_size_never_exceeds_what_the_cluster_can_place(cpus, gpus, n_jobs, gpus_per_job, size):
     assert jobs.ray_pool_size(cpus, gpus, n_jobs, gpus_per_job) == size
+
+
+def test_jobs_started_at_once_in_threads_of_one_process_get_their_own_weights():
+    """A Dask worker with --nthreads > 1 starts jobs in threads: each model is still drawn from its seed."""
+    from ensemble.recipe import BackboneConfig
+
+    backbone = BackboneConfig(name="timm:test_resnet", alias="r")
+    made = [jobs.Job("r", k, backbone, "key", seed) for k, seed in enumerate((1, 2, 3, 4))]
+    alone = [jobs.build_model(j, 10, 3).state_dict() for j in made]
+    for _ in range(3):
+        got: dict = {}
+        threads = [threading.Thread(target=lambda j=j: got.__setitem__(j.fold, jobs.build_model(j, 10, 3)))
+                   for j in made]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for j in made:
+            assert all(torch.equal(v, alone[j.fold][k]) for k, v in got[j.fold].state_dict().items())
+
+
+@pytest.mark.parametrize("capability, bf16", [((8, 0), True), ((9, 0), True), ((7, 5), False)])
+def test_bf16_autocast_only_on_gpus_with_native_bf16(monkeypatch, capability, bf16):
+    from ensemble import train
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    with pytest.warns(UserWarning) if bf16 and not torch.cuda.is_available() else contextlib.nullcontext():
+        context = train._autocast(torch.device("cuda:0"))  # CUDA absent here: torch warns and disables it
+    assert isinstance(context, torch.autocast) == bf16
+    assert not isinstance(train._autocast(torch.device("cpu")), torch.autocast)
 
 
 # --------------------------------------------------------------------------- the training step
