@@ -12,13 +12,16 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 from . import jobs as jobs_mod
+from . import progress as progress_mod
 from . import recipe as recipe_mod
 from . import store
 from .evaluate import build_combiners, check_fits, evaluate
@@ -425,10 +428,39 @@ def combine_and_report(recipe: Recipe, run_dir: Path, args: argparse.Namespace) 
             raise store.RunError(f"the report was not written: {exc}") from None
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP (a cluster scheduler, `timeout`, a closed terminal), stopping fit as Ctrl-C does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_terminated(signum: int, frame) -> None:
+    raise Terminated(signum)
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Within: SIGTERM and SIGHUP raise :class:`Terminated`, so the workers are stopped and the
+    run left resumable as on Ctrl-C (only in the main thread, where signal handlers can be set)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        run(args)
+        with _terminate_as_interrupt():
+            run(args)
     except (RecipeError, store.RunError) as exc:  # a bad recipe, a damaged run folder
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -441,11 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     except DivergedError as exc:
         print(f"error: {exc}; finished jobs are kept", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        stopped_bar = "" if args.quiet else "\n"  # a worker's bar, stopped mid-line, does not end its line
-        print(f"{stopped_bar}interrupted: finished jobs are kept; run the same command again to resume",
+    except KeyboardInterrupt as exc:
+        live_bar = not args.quiet and progress_mod.is_terminal()  # a bar stopped mid-line there; a log's end theirs
+        why = f"stopped by {signal.Signals(exc.signum).name}" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{chr(10) if live_bar else ''}{why}: finished jobs are kept; run the same command again to resume",
               file=sys.stderr)
-        return 130
+        return 128 + exc.signum if isinstance(exc, Terminated) else 130
     return 0
 
 

@@ -351,8 +351,12 @@ def _exit_with(fit_pid: int, poll_s: float = 0.5) -> None:
     Loky's idle workers would otherwise live on for minutes, one still training its job while a
     restarted fit trains the same job again, and all holding fit's stdout (`fit | tee log` hangs).
     """
-    if fit_pid == os.getpid() or fit_pid in _WATCHED or os.getppid() != fit_pid:
-        return  # fit's own process, watched already, or not fit's child (nothing to tell by)
+    if fit_pid == os.getpid() or fit_pid in _WATCHED:
+        return  # fit's own process, or watched already
+    if os.getppid() != fit_pid:
+        if not _alive(fit_pid):  # fit died while this worker was starting: its job is orphaned
+            os._exit(1)
+        return  # not fit's child (nothing to tell by)
     _WATCHED.add(fit_pid)
 
     def watch() -> None:
@@ -361,6 +365,16 @@ def _exit_with(fit_pid: int, poll_s: float = 0.5) -> None:
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-fit", daemon=True).start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # there, but another user's
+        return True
+    return True
 
 
 def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: float) -> Iterator[dict]:

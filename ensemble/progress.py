@@ -1,13 +1,14 @@
 """Progress bars: live on a terminal or in a notebook; into a log file, a line every 30 s that stays.
 
 On a terminal (or as a notebook widget) a bar redraws ten times a second and is cleared
-when done. Written into a log file (``fit ... > log 2>&1``) each redraw is another line,
-so a bar redraws every 30 s and its last state stays, ending its line: a message that
-follows starts a line of its own instead of landing on the bar's.
+when done. Written into a log file (``fit ... > log 2>&1``) a bar redraws every 30 s, each
+state a whole line of its own written at once, so that the bars of several worker processes
+and the messages between them never land on one another's lines.
 """
 
 from __future__ import annotations
 
+import re
 import sys
 import threading
 
@@ -36,8 +37,31 @@ def bar(iterable=None, *, progress: bool = True, **kwargs) -> tqdm:
     """A tqdm bar on stderr (hidden when ``progress`` is false) that behaves as the module says."""
     live = is_terminal()
     seconds = _interval(live)  # tqdm's monitor redraws after `maxinterval` (10 s) unless it is raised too
+    file = None if live else _Lines(sys.stderr)
     return tqdm(iterable, disable=not progress, leave=not live, mininterval=seconds,
-                maxinterval=max(seconds, 10.0), **kwargs)
+                maxinterval=max(seconds, 10.0), file=file, **kwargs)
+
+
+_CURSOR_MOVES = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+
+
+class _Lines:
+    """A log file for tqdm: each state it draws ('\\r' + state) becomes one whole line, written in
+    one call (tqdm would leave it unended, for the next state, a message or another process's bar
+    to overwrite)."""
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.encoding = getattr(stream, "encoding", None)
+
+    def write(self, text: str) -> None:
+        text = _CURSOR_MOVES.sub("", text)  # the moves between nested bars: each line stands alone here
+        for line in text.replace("\r", "\n").split("\n"):
+            if line.strip():
+                self.stream.write(line.rstrip() + "\n")
+
+    def flush(self) -> None:
+        self.stream.flush()
 
 
 def use_thread_lock() -> None:

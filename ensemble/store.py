@@ -230,8 +230,12 @@ def write_job(directory: Path, output, meta: dict, test_key: str) -> None:
     else:
         (directory / "test_logits.npy").unlink(missing_ok=True)  # of an earlier run's test set
     write_json(directory / "history.json", output.history)
-    for name, state in zip(weight_files(len(output.states)), output.states):
+    names = weight_files(len(output.states))
+    for name, state in zip(names, output.states):
         atomic_write(directory / name, lambda f, s=state: f.write(save(s)))
+    for old in directory.glob("snapshot*.safetensors"):  # of an earlier recipe with more snapshots
+        if old.name not in names:
+            old.unlink()
     write_json(directory / "meta.json", meta)
     write_json(directory / "done.json", {"key": meta["key"], "test": test_key})
 

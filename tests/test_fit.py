@@ -220,10 +220,19 @@ def test_a_killed_fit_leaves_no_worker_training_on(tiny_recipe, tmp_path, sessio
     assert not alive, f"workers {alive} outlived the killed fit"
 
 
+STOPS = [  # (signal, sent to the whole process group, exit status, the one line)
+    ("SIGINT", True, 130, "interrupted: finished jobs are kept; run the same command again to resume"),
+    ("SIGTERM", False, 143, "stopped by SIGTERM: finished jobs are kept; run the same command again to resume"),
+]
+
+
 @pytest.mark.skipif(not hasattr(os, "killpg"), reason="sends SIGINT to a process group, as Ctrl-C does")
-def test_ctrl_c_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, session_cache):
-    """Ctrl-C reaches fit and its workers (one process group): one line, no traceback, no warnings
-    of leaked semaphores (tqdm's multiprocessing lock in each worker leaked them), no worker left."""
+@pytest.mark.parametrize("name, group, status, line", STOPS, ids=[s[0] for s in STOPS])
+def test_ctrl_c_or_sigterm_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, session_cache,
+                                                             name, group, status, line):
+    """Ctrl-C reaches fit and its workers (one process group); a scheduler's or `timeout`'s SIGTERM
+    reaches fit alone: one line, no traceback, no warnings of leaked semaphores (tqdm's
+    multiprocessing lock in each worker leaked them), no worker left."""
     args = [a for a in fit_args(tiny_recipe, tmp_path / "run", session_cache) if a != "--quiet"]
     proc = subprocess.Popen([sys.executable, "-m", "ensemble.fit", *args, "--jobs", "2", "--set", "train.epochs=400"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
@@ -237,8 +246,11 @@ def test_ctrl_c_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, sessio
         time.sleep(0.05)  # both workers are training
     workers = _loky_workers_of(proc.pid)
     assert len(workers) == 2, bytes(log).decode(errors="replace")
-    os.killpg(proc.pid, signal.SIGINT)
-    assert proc.wait(timeout=60) == 130
+    if group:
+        os.killpg(proc.pid, signal.Signals[name])
+    else:
+        os.kill(proc.pid, signal.Signals[name])
+    assert proc.wait(timeout=60) == status
     reader.join(timeout=30)
     lines = [line for line in bytes(log).decode(errors="replace").replace("\r", "\n").splitlines()
              if line.strip() and " fold" not in line]  # the progress bars aside
@@ -246,7 +258,7 @@ def test_ctrl_c_of_fit_with_jobs_2_prints_one_line(tiny_recipe, tmp_path, sessio
     # run in 14 here) warns that one of loky's locks leaked, then finds it already removed.
     racing = [i for i, line in enumerate(lines) if "loky/backend/resource_tracker.py" in line]
     lines = [line for i, line in enumerate(lines) if i not in racing and i - 1 not in racing]
-    assert lines == ["interrupted: finished jobs are kept; run the same command again to resume"], lines
+    assert lines == [line], lines
     deadline = time.monotonic() + 10
     while (alive := [p for p in workers if _alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -653,3 +665,19 @@ def test_fit_says_why_every_job_retrains_when_the_training_images_changed(tmp_pa
     assert "note: the training images changed since this run last trained; every job trains again" in err
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
     assert "training images changed" not in capsys.readouterr().err
+
+
+def test_a_job_retrained_with_fewer_snapshots_leaves_no_old_snapshot_file(tmp_path):
+    import torch
+    from types import SimpleNamespace
+
+    def output(n_models: int):
+        states = [{"w": torch.full((2,), float(i))} for i in range(n_models)]
+        return SimpleNamespace(oof_logits=np.zeros((n_models, 3, 2), np.float32), test_logits=None,
+                               history={"epochs": []}, states=states)
+
+    store.write_job(tmp_path, output(3), {"key": "a"}, "")
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "snapshot0.safetensors", "snapshot1.safetensors", "weights.safetensors"]
+    store.write_job(tmp_path, output(1), {"key": "b"}, "")  # snapshots = 0 now
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["weights.safetensors"]

@@ -238,6 +238,27 @@ def test_ray_pool_size_never_exceeds_what_the_cluster_can_place(cpus, gpus, n_jo
     assert jobs.ray_pool_size(cpus, gpus, n_jobs, gpus_per_job) == size
 
 
+def test_a_worker_that_starts_after_fit_died_exits_instead_of_training(monkeypatch):
+    """A loky worker still importing torch when fit is killed is handed to init: its parent is
+    no longer fit, and the job it then picks up would be trained by no one's order."""
+    import subprocess
+    import sys
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+
+    class Exited(Exception):
+        pass
+
+    def exit_(code):
+        raise Exited(code)
+
+    monkeypatch.setattr(os, "_exit", exit_)
+    with pytest.raises(Exited):
+        jobs._exit_with(gone.pid)
+    jobs._exit_with(1)  # alive, and not this process's parent: nothing to watch, nothing to do
+
+
 def test_jobs_started_at_once_in_threads_of_one_process_get_their_own_weights():
     """A Dask worker with --nthreads > 1 starts jobs in threads: each model is still drawn from its seed."""
     from ensemble.recipe import BackboneConfig
@@ -366,6 +387,20 @@ def test_a_bar_in_a_log_file_ends_its_line_so_an_error_after_it_starts_a_new_one
         bar.update(2)  # stopped half-way, as by an error
     assert log.getvalue().endswith("\n") and "job:  50%" in log.getvalue().splitlines()[-1]
     assert bar.mininterval == bar.maxinterval == 30.0  # tqdm's monitor would redraw every 10 s
+
+
+def test_in_a_log_every_bar_state_is_a_whole_line(monkeypatch):
+    """Two workers' bars and fit's result lines share one log: none may end up on another's line."""
+    log = io.StringIO()
+    monkeypatch.setattr("sys.stderr", log)
+    with progress_bar(total=4, desc="a fold0") as a, progress_bar(total=4, desc="b fold1") as b:
+        a.update(4)
+        log.write("[1/2] a fold0: held-out acc 0.9\n")  # fit's message, between the bars' states
+        b.update(2)
+    assert "\r" not in log.getvalue()
+    lines = log.getvalue().splitlines()
+    assert "[1/2] a fold0: held-out acc 0.9" in lines
+    assert all(line.startswith(("a fold0:", "b fold1:", "[1/2]")) for line in lines), lines
 
 
 def test_a_job_writes_no_per_epoch_progress_lines_into_a_log(monkeypatch):
