@@ -137,7 +137,19 @@ def load_weights(model: nn.Module, path: str) -> None:
     state = state.get("state_dict", state) if isinstance(state, dict) else state
     own = model.state_dict()
     _check_same_architecture(own, state, f"weights {path!r}", type(model).__name__)
+    state = {k: _adapt_input_conv(own[k], v) for k, v in state.items()}
     model.load_state_dict({k: v for k, v in state.items() if own[k].shape == v.shape}, strict=False)
+
+
+def _adapt_input_conv(own: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """An RGB stem's kernels for another number of input channels, as timm adapts pretrained weights
+    (summed for grayscale), instead of a stem that starts from random weights."""
+    if own.ndim == 4 and given.ndim == 4 and own.shape[1] != given.shape[1] and given.shape[1] == 3 \
+            and own.shape[0] == given.shape[0] and own.shape[2:] == given.shape[2:]:
+        from timm.models import adapt_input_conv
+
+        return adapt_input_conv(own.shape[1], given)
+    return given
 
 
 _RESHAPED_AT_MOST = 4  # a new head (weight, bias) and a stem for other channels (conv, maybe a norm)

@@ -308,8 +308,14 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
         s2 += np.einsum("nchw,nchw->c", b, b)
     count = max(a.shape[0] * a.shape[2] * a.shape[3], 1)
     mean = s1 / count / 255.0
-    var = np.maximum(s2 / count / 255.0**2 - mean**2, 0.0)
-    return tuple(float(m) for m in mean), tuple(float(s) for s in np.sqrt(var))
+    std = np.sqrt(np.maximum(s2 / count / 255.0**2 - mean**2, 0.0))
+    constant = [c for c in range(n_channels) if std[c] == 0]
+    if constant and len(a):  # dividing by 0 would make that channel NaN in every input
+        warnings.warn(DataNote(
+            f"channel {constant[0]} is the same value ({round(mean[constant[0]] * 255)}) in every training pixel, "
+            "so it tells the classes nothing: it is centred, not scaled (std 1)"), stacklevel=2)
+        std[constant] = 1.0
+    return tuple(float(m) for m in mean), tuple(float(s) for s in std)
 
 
 # --------------------------------------------------------------------------- cache

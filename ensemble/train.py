@@ -78,13 +78,27 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
 
 
 def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """Weight decay on weights only: biases and normalisation scales are left alone."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim > 1]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim <= 1]
+    """Weight decay on weights only: biases, normalisation scales and what the model names in
+    timm's ``no_weight_decay()`` (a ViT's position embedding and class token, relative position
+    bias tables) are left alone."""
+    keep = _no_weight_decay(model)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in named if p.ndim > 1 and n not in keep]
+    rest = [p for n, p in named if p.ndim <= 1 or n in keep]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+
+
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """Parameter names the model (or a timm module inside it) asks to keep out of weight decay."""
+    names: set[str] = set()
+    for prefix, module in model.named_modules():
+        ask = getattr(module, "no_weight_decay", None)
+        if callable(ask):
+            names |= {f"{prefix}.{n}" if prefix else n for n in ask()}
+    return names
 
 
 def _autocast(device: torch.device):

@@ -401,6 +401,14 @@ def test_classes_named_like_the_parts_of_a_split_are_noted(tmp_path):
 
 
 
+def test_a_channel_that_never_changes_is_centred_not_divided_by_zero():
+    x = torch.zeros((4, 3, 2, 2), dtype=torch.uint8)
+    x[:, 0] = torch.arange(16, dtype=torch.uint8).view(4, 2, 2)  # red varies; green and blue are 0
+    with pytest.warns(data.DataNote, match=r"channel 1 is the same value \(0\) in every training pixel"):
+        mean, std = data.channel_stats(x)
+    assert std[0] > 0 and std[1:] == (1.0, 1.0) and mean[1:] == (0.0, 0.0)
+
+
 # --------------------------------------------------------------------------- errors
 
 

@@ -292,6 +292,19 @@ def test_bf16_autocast_only_on_gpus_with_native_bf16(monkeypatch, capability, bf
 # --------------------------------------------------------------------------- the training step
 
 
+def test_weight_decay_spares_biases_norms_and_what_timm_names_no_weight_decay():
+    from ensemble import backbones
+    from ensemble.train import make_optimizer
+
+    model = backbones.create("timm:test_vit", num_classes=10, in_chans=3)
+    decayed, spared = make_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared_names = {names[id(p)] for p in spared["params"]}
+    assert {"pos_embed", "cls_token"} <= spared_names and spared["weight_decay"] == 0.0
+    assert all(p.ndim > 1 for p in decayed["params"]) and decayed["weight_decay"] == 0.05
+    assert "patch_embed.proj.weight" in {names[id(p)] for p in decayed["params"]}
+
+
 def _digits(n: int = 256):
     from sklearn.datasets import load_digits
 

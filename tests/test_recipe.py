@@ -229,6 +229,9 @@ def test_pretrained_weights_load_but_the_head_and_another_architectures_are_refu
     _, resnet18 = saved("timm:resnet18")  # the same family at another depth: 60 of resnet34's 110 tensors
     with pytest.raises(backbones.BackboneError, match=r"are not ResNet's: \d+ tensors missing \(e\.g\. 'layer1\.2"):
         backbones.create("timm:resnet34", num_classes=10, pretrained=resnet18)
+    gray = backbones.create("timm:test_resnet", num_classes=10, in_chans=1, pretrained=path).state_dict()
+    stem = next(k for k, v in state.items() if v.ndim == 4)  # RGB kernels summed, as timm adapts them
+    assert torch.allclose(gray[stem], state[stem].sum(dim=1, keepdim=True))
     (tmp_path / "notes.pt").write_text('{"not": "weights"}')
     with pytest.raises(backbones.BackboneError) as info:  # torch's own text would suggest unpickling it
         backbones.create("timm:test_resnet", num_classes=10, pretrained=str(tmp_path / "notes.pt"))
