@@ -144,13 +144,29 @@ def test_summary_picks_combiner_and_member_on_oof_rows_not_on_the_unseen_images(
     def entry(acc, nll=1.0):
         return {"accuracy": acc, "f1": acc, "nll": nll}
 
+    def right(n_right):
+        return np.arange(10) < n_right
+
     result = {"members": {"a": entry(0.70), "b": entry(0.60)},
-              "combiners": {"mean": entry(0.65), "stacking": entry(0.90)}}
+              "combiners": {"mean": entry(0.65), "stacking": entry(0.90)},
+              "right": {"members": {"a": right(7), "b": right(6)},
+                        "combiners": {"mean": right(6) | (np.arange(10) == 9), "stacking": right(9)}}}
     recorded = {"members": {"a": {"oof": entry(0.50)}, "b": {"oof": entry(0.55)}},
                 "combiners": {"mean": {"oof": entry(0.58)}, "stacking": {"oof": entry(0.58, nll=2.0)}}}
-    last = unseen.table(result, recorded, 10).splitlines()[-1]
-    assert last == ("on 10 unseen images the best combiner by nested OOF accuracy (mean) is +5.00 points "
+    *_, gain, paired = unseen.table(result, recorded, 10).splitlines()
+    assert gain == ("on 10 unseen images the best combiner by nested OOF accuracy (mean) is +5.00 points "
                     "against the best member by OOF accuracy (b)")
+    assert paired.startswith("paired standard error of that gain: ") and paired.endswith(
+        " points (1 images only the combiner gets right, 0 only the member)")
+
+
+def test_the_gain_comes_with_its_paired_standard_error():
+    """Scored on the same images, only those the two disagree on make noise."""
+    combiner = np.array([True] * 60 + [False] * 40)
+    member = np.array([True] * 50 + [False] * 10 + [True] * 5 + [False] * 35)  # 10 only c, 5 only m
+    gain, se, only_c, only_m = unseen.paired_gain(combiner, member)
+    assert (only_c, only_m) == (10, 5) and gain == pytest.approx(5.0)
+    assert se == pytest.approx(100 * np.sqrt(15 - 25 / 100) / 100)  # sqrt(b + c - (b - c)^2 / n) / n
 
 
 # --------------------------------------------------------------------------- unfinished runs, channels, notes

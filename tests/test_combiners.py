@@ -259,6 +259,28 @@ def test_shuffled_labels_score_at_chance(case, random_problem, digits):
     assert abs(acc - 1 / N_CLASSES) < 0.035, acc
 
 
+@pytest.mark.parametrize("name, params", [("weighted", {}), ("weighted", {"method": "logloss"}),
+                                          ("weighted+ts", {})], ids=["greedy", "logloss", "greedy+ts"])
+def test_many_random_members_leave_the_weights_no_room_to_fit_the_rows_they_are_scored_on(name, params):
+    """40 random members give greedy selection room to fit noise: scored on the rows it was fitted
+    on, it reaches 0.117 where chance is 0.100 (averaged over draws). Nested, it must stay at chance;
+    one draw of 5 members (above) cannot tell the two apart."""
+    n_members, n_rows, draws = 40, 1000, 12
+    accs, leaky = [], []
+    for seed in range(draws):
+        rng = np.random.default_rng(100 + seed)
+        logits = rng.normal(scale=2.0, size=(n_members, n_rows, N_CLASSES))
+        y = rng.integers(0, N_CLASSES, n_rows)
+        folds = rng.permutation(np.arange(n_rows) % 5)
+        combiner = comb.make_combiner(name, **params)
+        accs.append(accuracy(comb.cross_val_proba(combiner, logits, y, folds), y))
+        if seed < 3:
+            leaky.append(accuracy(combiner.clone().fit(logits, y).predict_proba(logits), y))
+    assert abs(np.mean(accs) - 1 / N_CLASSES) < 0.008, np.mean(accs)
+    if name == "weighted" and not params:
+        assert np.mean(leaky) > 1 / N_CLASSES + 0.01  # the test would see a leak of this size
+
+
 # --------------------------------------------------------------------------- errors
 
 RNG = np.random.default_rng(0)

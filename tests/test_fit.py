@@ -57,6 +57,9 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
             history = json.loads((d / "history.json").read_text())
             assert [e["epoch"] for e in history["epochs"]] == [1, 2]
             assert {"train_loss", "train_acc", "val_loss", "val_acc", "lr"} <= set(history["epochs"][0])
+            # the OOF rows are the ones this fold model held out: its own held-out accuracy is theirs
+            right = (oof[-1].argmax(1) == y[folds == k]).mean()
+            assert right == pytest.approx(history["epochs"][-1]["val_acc"], abs=1e-6)
             assert (d / "weights.safetensors").stat().st_size > 1000 and (d / "done.json").exists()
         assert (covered == 1).all()  # every training row has OOF logits from exactly one fold model
     metrics = json.loads((run / "metrics.json").read_text())

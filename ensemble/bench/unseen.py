@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -152,13 +153,24 @@ def evaluate(run: predict.Run, images: data.Images, device: torch.device, checke
                                                     progress=progress)[0]
     logits = {name: by_weights[(m.backbone.alias, m.weights)] for name, m in members.items()}
     y, n_classes = images.y.numpy(), len(run.data.classes)
-    out = {"members": {}, "combiners": {}}
+    out = {"members": {}, "combiners": {}, "right": {"members": {}, "combiners": {}}}
     for b in run.recipe.backbones:
         out["members"][b.alias] = metrics.score(metrics.softmax(logits[b.alias]), y, n_classes)
+        out["right"]["members"][b.alias] = logits[b.alias].argmax(1) == y
     for name, (_, combiner, members) in fitted.items():
         proba = combiner.predict_proba(np.stack([logits[m.name] for m in members]))
         out["combiners"][name] = metrics.score(proba, y, n_classes)
+        out["right"]["combiners"][name] = proba.argmax(1) == y
     return out
+
+
+def paired_gain(combiner_right: np.ndarray, member_right: np.ndarray) -> tuple[float, float, int, int]:
+    """(gain, its paired standard error, both in points; images only the combiner gets right, only the
+    member): the two are scored on the same images, so only the images they disagree on make noise."""
+    n = len(combiner_right)
+    only_c, only_m = int((combiner_right & ~member_right).sum()), int((~combiner_right & member_right).sum())
+    se = math.sqrt(max(only_c + only_m - (only_c - only_m) ** 2 / n, 0.0)) / n
+    return 100 * (only_c - only_m) / n, 100 * se, only_c, only_m
 
 
 def table(result: dict, recorded: dict, n: int) -> str:
@@ -172,10 +184,15 @@ def table(result: dict, recorded: dict, n: int) -> str:
             test_text = f"{test:9.4f}" if test is not None else f"{'-':>9s}"
             lines.append(f"{kind[:-1]:9s} {name:28s} {test_text} {m['accuracy']:11.4f} {m['f1']:10.4f} {m['nll']:11.4f}")
     # chosen as fit chose them, on OOF rows: picking by unseen accuracy would select on the set it scores
-    best = {kind: max(result[kind], key=lambda name: rank(recorded[kind][name])) for kind in result}
+    best = {kind: max(result[kind], key=lambda name: rank(recorded[kind][name])) for kind in ("members", "combiners")}
     gain = 100 * (result["combiners"][best["combiners"]]["accuracy"] - result["members"][best["members"]]["accuracy"])
     lines.append(f"on {n} unseen images the best combiner by nested OOF accuracy ({best['combiners']}) is "
                  f"{gain:+.2f} points against the best member by OOF accuracy ({best['members']})")
+    right = result.get("right")
+    if right:
+        _, se, only_c, only_m = paired_gain(right["combiners"][best["combiners"]], right["members"][best["members"]])
+        lines.append(f"paired standard error of that gain: {se:.2f} points ({only_c} images only the combiner gets "
+                     f"right, {only_m} only the member)")
     return "\n".join(lines)
 
 
