@@ -447,7 +447,8 @@ def _terminate_as_interrupt():
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None]
+    wanted = [s for s in (signal.SIGTERM, getattr(signal, "SIGHUP", None))
+              if s is not None and signal.getsignal(s) is signal.SIG_DFL]  # `nohup` ignores SIGHUP: so do we
     previous = {s: signal.signal(s, _raise_terminated) for s in wanted}
     try:
         yield

@@ -684,3 +684,17 @@ def test_a_job_retrained_with_fewer_snapshots_leaves_no_old_snapshot_file(tmp_pa
         "snapshot0.safetensors", "snapshot1.safetensors", "weights.safetensors"]
     store.write_job(tmp_path, output(1), {"key": "b"}, "")  # snapshots = 0 now
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["weights.safetensors"]
+
+
+def test_a_signal_ignored_by_nohup_stays_ignored(monkeypatch):
+    """`nohup python -m ensemble.fit ...` ignores SIGHUP: closing the terminal must not stop the run."""
+    if not hasattr(signal, "SIGHUP"):
+        pytest.skip("no SIGHUP here")
+    previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with fit._terminate_as_interrupt():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            assert signal.getsignal(signal.SIGTERM) is fit._raise_terminated
+        assert signal.getsignal(signal.SIGTERM) is not fit._raise_terminated
+    finally:
+        signal.signal(signal.SIGHUP, previous)
