@@ -185,3 +185,24 @@ def create(
     if stem == "cifar":
         apply_cifar_stem(net)
     return net
+
+
+def try_step(net: nn.Module, n: int, channels: int, image_size: int, classes: int, train: bool = True) -> None:
+    """One zero batch of ``n`` images through ``net``, forward and (when ``train``) backward in train
+    mode: raises whatever the model raises for an input it cannot take (a ViT built for 224 given
+    32x32, batch norm on a batch of 1), and TypeError when it does not return logits (n, classes)."""
+    net.train(train)
+    with torch.set_grad_enabled(train):
+        out = net(torch.zeros(n, channels, image_size, image_size))
+        if not isinstance(out, torch.Tensor) or out.shape != (n, classes):
+            raise TypeError(f"it returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
+                            f"not logits of shape {(n, classes)}")
+        if train:
+            out.sum().backward()
+
+
+def failure_reason(exc: Exception) -> str:
+    """One line on why a backbone could not be built or run: a BackboneError's own words, else the
+    library's exception type and message."""
+    reason = " ".join(str(exc).split())
+    return reason if isinstance(exc, BackboneError) else f"{type(exc).__name__}: {reason}"

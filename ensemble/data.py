@@ -42,9 +42,10 @@ from .progress import bar as progress_bar
 from .store import write_npy, write_text
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")  # torchvision ImageFolder's
+# torchvision ImageFolder's extensions, and .gif
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
-_CACHE_VERSION = 2  # bump when the decoded arrays of a source would change
+_CACHE_VERSION = 3  # bump when the decoded arrays of a source would change (3: links in tars, 16-bit gray)
 _CHUNK = 2048  # images decoded (and resized) per batch
 _GRAY_MODES = ("1", "L", "LA", "La", "F")  # "I" modes: _wide_gray_to_uint8
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -429,8 +430,7 @@ def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress
     of which the tree may hold any.
     """
     root = _check_folder_path(path, key_name)
-    # "reader" 2: links in tars are read, 16-bit gray is scaled alike (2026-11)
-    base = {"source": "folder", "reader": 2, "path": str(root), "image_size": cfg.image_size}
+    base = {"source": "folder", "path": str(root), "image_size": cfg.image_size}
     if known is not None:
         base["classes"] = list(known)  # the labels depend on them
     if root.is_dir():

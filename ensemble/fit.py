@@ -156,7 +156,8 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
             net = backbones.create(b.name, num_classes=num_classes, in_chans=in_chans, stem=b.stem,
                                    pretrained=b.pretrained, model_args=b.model_args)
         except Exception as exc:  # noqa: BLE001 - whatever the library raises, the recipe's settings caused it
-            raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {_reason(exc)}") from None
+            why = backbones.failure_reason(exc)
+            raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {why}") from None
         n = min(2, b.train.batch_size)
         try:
             make_augment(b.train.augment)(torch.zeros(n, in_chans, image_size, image_size, dtype=torch.uint8),
@@ -165,21 +166,11 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
             key = "train.augment" if b.train.augment == recipe.train.augment else f"backbones[{i}].augment"
             raise recipe.error(key, f"cannot be applied to {image_size}x{image_size} images: {exc}") from None
         try:
-            out = net.train()(torch.zeros(n, in_chans, image_size, image_size))
-            if not isinstance(out, torch.Tensor) or out.shape != (n, num_classes):
-                raise TypeError(f"it returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
-                                f"not logits of shape {(n, num_classes)}")
-            out.sum().backward()
+            backbones.try_step(net, n, in_chans, image_size, num_classes)
         except Exception as exc:  # noqa: BLE001
+            why = backbones.failure_reason(exc)
             raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot train on {image_size}x{image_size} images "
-                                                  f"in batches of {b.train.batch_size}: {_reason(exc)}") from None
-
-
-def _reason(exc: Exception) -> str:
-    from .backbones import BackboneError
-
-    reason = " ".join(str(exc).split())
-    return reason if isinstance(exc, BackboneError) else f"{type(exc).__name__}: {reason}"
+                                                  f"in batches of {b.train.batch_size}: {why}") from None
 
 
 def check_out(run_dir: Path, recipe: Recipe) -> str | None:
@@ -217,11 +208,7 @@ def check_out(run_dir: Path, recipe: Recipe) -> str | None:
 
 def inside_images(folder: Path, recipe: Recipe) -> str | None:
     """'data.path (...)' or 'data.test_path (...)' when ``folder`` lies in the images the recipe reads."""
-    for key in ("path", "test_path"):
-        images = getattr(recipe.data, key)
-        if images and Path(folder).resolve().is_relative_to(Path(images).resolve()):
-            return f"data.{key} ({images})"
-    return None
+    return store.inside_images(folder, {key: getattr(recipe.data, key) for key in ("path", "test_path")})
 
 
 def invalidate(run_dir: Path, recipe: Recipe, previous: str | None, pending: list, new_test: list) -> None:

@@ -271,13 +271,18 @@ def load_members(run: Run, members: list[Member], device: torch.device) -> list[
     return out
 
 
-def _load_fold_model(run: Run, member: Member, fold: int, device: torch.device, channels_last: bool) -> nn.Module:
-    folder = store.job_dir(run.dir, member.backbone.alias, fold)
+def require_finished(run: Run, alias: str, fold: int) -> Path:
+    """The folder of the job (alias, fold); a RunError naming the command that completes the run
+    when the job has not finished."""
+    folder = store.job_dir(run.dir, alias, fold)
     if not (folder / "done.json").is_file():
-        raise RunError(
-            f"{folder}: job not finished (no done.json): the run is unfinished; complete it with "
-            f"`{fit_command(run.dir)}`"
-        )
+        raise RunError(f"{folder}: job not finished (no done.json): the run is unfinished; complete it with "
+                       f"`{fit_command(run.dir)}`")
+    return folder
+
+
+def _load_fold_model(run: Run, member: Member, fold: int, device: torch.device, channels_last: bool) -> nn.Module:
+    folder = require_finished(run, member.backbone.alias, fold)
     return load_model(member.backbone, len(run.data.classes), run.data.channels, folder / member.weights,
                       device, channels_last, store.retrain_hint(run.dir, folder))
 

@@ -634,11 +634,10 @@ def _check_out(out: Path, run: Run) -> None:
         data = tomllib.loads(run.recipe_text).get("data", {})
     except tomllib.TOMLDecodeError:
         return
-    for key in ("path", "test_path"):
-        images = data.get(key) if isinstance(data, dict) else None
-        if isinstance(images, str) and images and out.is_relative_to(Path(images).expanduser().resolve()):
-            raise ReportError(f"--out {out} is inside data.{key} ({images}): its PNGs would be read as images "
-                              "on the next run; give a folder outside it")
+    inside = store.inside_images(out, data) if isinstance(data, dict) else None
+    if inside:
+        raise ReportError(f"--out {out} is inside {inside}: its PNGs would be read as images on the next run; "
+                          "give a folder outside it")
 
 
 def main(argv=None) -> int:

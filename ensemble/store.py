@@ -133,6 +133,17 @@ def unwritable(folder: Path) -> str | None:
     return None
 
 
+def inside_images(folder: Path, data: dict) -> str | None:
+    """'data.path (...)' or 'data.test_path (...)' when ``folder`` lies in the images that a recipe's
+    ``data`` section (``path``, ``test_path``) names: files written there would be read as images."""
+    for key in ("path", "test_path"):
+        images = data.get(key)
+        if isinstance(images, str) and images and \
+                Path(folder).resolve().is_relative_to(Path(images).expanduser().resolve()):
+            return f"data.{key} ({images})"
+    return None
+
+
 def read_npy(path: Path, hint: Callable[[], str] | None = None) -> np.ndarray:
     """The array at ``path``; a RunError ending with ``hint()`` (what to do, built only on failure)
     when it is missing (default: complete the run) or unreadable."""

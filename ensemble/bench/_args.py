@@ -49,23 +49,12 @@ def check_model_runs(parser: argparse.ArgumentParser, name: str, *, classes: int
     ``fit.check_backbones`` checks a recipe's backbones, so that the benchmark fails now in one line
     instead of as a traceback from inside a timed loop.
     """
-    import torch
-
     from ensemble import backbones
-    from ensemble.fit import _reason
 
-    n = min(2, batch_size) if train else 1
     try:
         net = backbones.create(name, num_classes=classes, in_chans=channels, stem=stem)
-        net.train(train)
-        with torch.set_grad_enabled(train):
-            out = net(torch.zeros(n, channels, image_size, image_size))
-            if not isinstance(out, torch.Tensor) or out.shape != (n, classes):
-                raise TypeError(f"it returns {type(out).__name__} {tuple(getattr(out, 'shape', ()))}, "
-                                f"not logits of shape {(n, classes)}")
-            if train:
-                out.sum().backward()
+        backbones.try_step(net, min(2, batch_size) if train else 1, channels, image_size, classes, train)
     except Exception as exc:  # noqa: BLE001 - whatever the library raises, the options caused it
         what = f"train on {image_size}x{image_size} images in batches of {batch_size}" if train \
             else f"run on {image_size}x{image_size} images"
-        parser.error(f"{option} {name} cannot {what}: {_reason(exc)}")
+        parser.error(f"{option} {name} cannot {what}: {backbones.failure_reason(exc)}")

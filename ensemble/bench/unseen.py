@@ -89,10 +89,7 @@ def check_finished(run: predict.Run) -> tuple[dict, dict, dict[str, predict.Memb
     members |= {m.name: m for _, _, ms in fitted.values() for m in ms}
     for m in members.values():
         for k in range(run.recipe.cv.folds):
-            folder = store.job_dir(run.dir, m.backbone.alias, k)
-            if not (folder / "done.json").is_file():
-                raise RunError(f"{folder}: job not finished (no done.json): the run is unfinished; complete it "
-                               f"with `{predict.fit_command(run.dir)}`")
+            predict.require_finished(run, m.backbone.alias, k)
     return recorded, fitted, members
 
 
