@@ -23,18 +23,31 @@ def flip(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
 
 
-CROP_PAD, CROP_MODE = 4, "reflect"  # "crop" in a recipe, and the fused flip_crop
+CROP_MODE = "reflect"  # "crop" in a recipe, and the fused flip_crop
 
 
-def crop(x: torch.Tensor, generator: torch.Generator, pad: int = CROP_PAD, mode: str = CROP_MODE) -> torch.Tensor:
-    """Random crop of (N, C, H, W) back to (H, W) from the image padded by `pad` pixels.
+def shift_pixels(x: torch.Tensor) -> int:
+    """How far crop and translate shift images of (N, C, H, W): an eighth of the shorter side
+    (4 px at 32x32, CIFAR's setting; 28 px at 224x224), at least 1 px."""
+    side = min(x.shape[-2:])
+    return max(1, side // 8) if side > 1 else 0
+
+
+def hole_pixels(x: torch.Tensor) -> int:
+    """The side of cutout's square: a quarter of the shorter side (8 px at 32x32), at least 1 px."""
+    return max(1, min(x.shape[-2:]) // 4)
+
+
+def crop(x: torch.Tensor, generator: torch.Generator, pad: int | None = None, mode: str = CROP_MODE) -> torch.Tensor:
+    """Random crop of (N, C, H, W) back to (H, W) from the image padded by `pad` pixels
+    (default: :func:`shift_pixels`).
 
     `mode` is "reflect" (mirror the border, no black edges) or "zeros" (a random
     translation by up to `pad` pixels filled with 0). Each image gets its own offset;
     the padded image is never built: the window's source pixels are gathered for all
     images at once, in one pass.
     """
-    return _window(x, generator, pad, mode)
+    return _window(x, generator, shift_pixels(x) if pad is None else pad, mode)
 
 
 def flip_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -42,7 +55,7 @@ def flip_crop(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
     `make_augment` uses it wherever "flip" is directly followed by "crop".
     """
-    return _window(x, generator, CROP_PAD, CROP_MODE, _flip_mask(len(x), x.device, generator))
+    return _window(x, generator, shift_pixels(x), CROP_MODE, _flip_mask(len(x), x.device, generator))
 
 
 def _flip_mask(n: int, device: torch.device, generator: torch.Generator) -> torch.Tensor:
@@ -79,13 +92,15 @@ def _window(
 
 
 def translate(x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Random shift by up to 4 pixels each way, filling the uncovered border with 0."""
-    return crop(x, generator, pad=4, mode="zeros")
+    """Random shift by up to :func:`shift_pixels` each way, filling the uncovered border with 0."""
+    return crop(x, generator, mode="zeros")
 
 
-def cutout(x: torch.Tensor, generator: torch.Generator, size: int = 8) -> torch.Tensor:
-    """Zero one `size` x `size` square per image of (N, C, H, W), centred anywhere (clipped at edges)."""
+def cutout(x: torch.Tensor, generator: torch.Generator, size: int | None = None) -> torch.Tensor:
+    """Zero one `size` x `size` square per image of (N, C, H, W) (default: :func:`hole_pixels`),
+    centred anywhere (clipped at edges)."""
     n, _, h, w = x.shape
+    size = hole_pixels(x) if size is None else size
     cy = torch.randint(0, h, (n, 1, 1), device=x.device, generator=generator)
     cx = torch.randint(0, w, (n, 1, 1), device=x.device, generator=generator)
     ry = torch.arange(h, device=x.device).view(1, h, 1) - cy + size // 2

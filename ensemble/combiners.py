@@ -509,9 +509,16 @@ class Weighted(Combiner):
                 f"greedy state needs 'order_' ({self.rounds} member indices in "
                 f"0..{self.n_members_ - 1}) and 'scores_' ({self.rounds} floats)"
             )
+        size = _int(state, "best_size_", 1)
+        counts = np.bincount(order[:size], minlength=self.n_members_)
+        if size > self.rounds or not np.allclose(weights, counts / size):
+            raise ValueError(
+                f"greedy state: best_size_ {size} must be at most rounds ({self.rounds}) and weights_ must be "
+                f"the member counts of the first best_size_ entries of order_ over best_size_"
+            )
         self.order_ = order
         self.scores_ = [float(s) for s in scores]
-        self.best_size_ = _int(state, "best_size_", 1)
+        self.best_size_ = size
 
 
 # --------------------------------------------------------------------------- stacking

@@ -136,8 +136,8 @@ class Dataset:
 
     @cached_property
     def legacy_fingerprint(self) -> str:
-        """The fingerprint of training and test images together that keyed jobs before 2026-11
-        ("" without a test set, where it equals `fingerprint`)."""
+        """The fingerprint of training and test images together that runs recorded in data.json
+        before 2026-11 ("" without a test set, where it equals `fingerprint`)."""
         return "" if self.test is None else fingerprint(self.train, self.test)
 
 

@@ -139,14 +139,10 @@ def check_devices(recipe: Recipe, aliases: set[str]) -> None:
 
 def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chans: int, image_size: int) -> None:
     """Build every backbone about to train once and take one training step's forward and
-    backward pass on a zero batch, augmented first, so that a bad name, ``model_args``, stem,
-    weights file, image size the model or an augmentation cannot take (a ViT built for 224, a
-    4-pixel crop of 4-pixel images) or a batch size of 1 under batch norm fails now, naming its
-    key, rather than as a traceback from inside a job."""
-    import torch
-
+    backward pass on a zero batch, so that a bad name, ``model_args``, stem, weights file, image
+    size the model cannot take (a ViT built for 224) or a batch size of 1 under batch norm fails
+    now, naming its key, rather than as a traceback from inside a job."""
     from . import backbones
-    from .augment import make_augment
 
     recipe_mod.check_backbone_names(recipe, aliases)
     for i, b in enumerate(recipe.backbones):
@@ -159,12 +155,6 @@ def check_backbones(recipe: Recipe, aliases: set[str], num_classes: int, in_chan
             why = backbones.failure_reason(exc)
             raise recipe.error(f"backbones[{i}]", f"({b.name}) cannot be built: {why}") from None
         n = min(2, b.train.batch_size)
-        try:
-            make_augment(b.train.augment)(torch.zeros(n, in_chans, image_size, image_size, dtype=torch.uint8),
-                                          torch.Generator().manual_seed(0))
-        except ValueError as exc:
-            key = "train.augment" if b.train.augment == recipe.train.augment else f"backbones[{i}].augment"
-            raise recipe.error(key, f"cannot be applied to {image_size}x{image_size} images: {exc}") from None
         try:
             backbones.try_step(net, n, in_chans, image_size, num_classes)
         except Exception as exc:  # noqa: BLE001
@@ -237,13 +227,15 @@ def train_members(recipe: Recipe, dataset, folds: np.ndarray, run_dir: Path, pen
               f"{s['seconds']:.1f} s on {s['device']}", flush=True)
 
 
-def keyed_before_2026_11(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray, unfinished: list) -> list:
-    """The ``unfinished`` jobs that finished under the key of before 2026-11, which also covered the
-    test images: with the same training and test images, they are reused as they are."""
-    if not unfinished or dataset.test is None:  # without a test set the two keys are the same
-        return []
-    old = {(j.alias, j.fold): j.key for j in jobs_mod.plan(recipe, dataset.legacy_fingerprint, folds)}
-    return [j for j in unfinished if store.is_done(store.job_dir(run_dir, j.alias, j.fold), old[j.alias, j.fold])]
+def say_why_retrained_by_version(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray, pending: list) -> None:
+    """A note when jobs retrain because an earlier version of this package trained them
+    (``jobs.CACHE_VERSION`` changed), not because the recipe or the images did."""
+    older = {(j.alias, j.fold): j.key
+             for j in jobs_mod.plan(recipe, dataset.fingerprint, folds, version=jobs_mod.CACHE_VERSION - 1)}
+    stale = sum(store.is_done(store.job_dir(run_dir, j.alias, j.fold), older[j.alias, j.fold]) for j in pending)
+    if stale:
+        print(f"note: {stale} finished job(s) were trained by an earlier version of ensemble, whose training "
+              "differs from this one's; they train again", file=sys.stderr)
 
 
 def say_why_all_retrain(run_dir: Path, dataset) -> None:
@@ -335,12 +327,11 @@ def run(args: argparse.Namespace) -> Path:
           f"({time.perf_counter() - t0:.1f} s)")
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
-    legacy = keyed_before_2026_11(run_dir, recipe, dataset, folds, pending)
-    pending = [j for j in pending if j not in legacy]
-    new_test = [j for j in all_jobs if j not in pending and j not in legacy and test_outdated(run_dir, j)]
+    new_test = [j for j in all_jobs if j not in pending and test_outdated(run_dir, j)]
     to_train = {j.alias for j in pending}
     if pending:
         say_why_all_retrain(run_dir, dataset)
+        say_why_retrained_by_version(run_dir, recipe, dataset, folds, pending)
     check_backbones(recipe, to_train | {j.alias for j in new_test}, len(dataset.train.classes),
                     int(dataset.train.x.shape[1]), int(dataset.train.x.shape[-1]))
     if args.backend == "loky":  # on a Dask or Ray cluster the workers' devices count, not this machine's
@@ -349,8 +340,6 @@ def run(args: argparse.Namespace) -> Path:
     # connected before the run folder changes: an unreachable cluster is an error that writes nothing
     with jobs_mod.cluster(args.backend, args.scheduler, args.address) if pending else contextlib.nullcontext():
         invalidate(run_dir, recipe, previous, pending, new_test)  # every check passed: the run folder changes now
-        for job in legacy:  # same training and test images, under the key of before 2026-11: nothing to redo
-            store.adopt(store.job_dir(run_dir, job.alias, job.fold), job.key, job.test_key)
         write_run_files(run_dir, recipe, dataset, folds, args.cache)
         print(f"{recipe.name}: {len(all_jobs)} jobs, {len(all_jobs) - len(pending)} cached, {len(pending)} to train")
         train_members(recipe, dataset, folds, run_dir, pending, args)

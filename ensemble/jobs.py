@@ -31,7 +31,8 @@ from . import backbones, store
 from . import progress as progress_mod
 from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
 
-CACHE_VERSION = 1  # bump when the training loop changes what a cached job contains
+CACHE_VERSION = 2  # bump when the training loop changes what a cached job contains (2: crop and cutout
+#                   scale with the image size, weight decay spares timm's no_weight_decay())
 
 
 @dataclass(frozen=True)
@@ -92,15 +93,17 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
-def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "") -> list[Job]:
+def plan(recipe: Recipe, data_fingerprint: str, folds: np.ndarray, test_fingerprint: str = "",
+         version: int = CACHE_VERSION) -> list[Job]:
     """Every (backbone, fold) job of the recipe, backbone-major; ``data_fingerprint`` is the
-    training images', ``test_fingerprint`` the test images' ("" without a test set)."""
+    training images', ``test_fingerprint`` the test images' ("" without a test set); ``version``
+    an earlier ``CACHE_VERSION`` gives the keys that jobs had then."""
     folds_fp = store.fingerprint(folds)
     jobs = []
     for b in recipe.backbones:
         shaping = _shaping(b)
         for k in range(recipe.cv.folds):
-            key = store.fingerprint(CACHE_VERSION, data_fingerprint, shaping, folds_fp, recipe.seed, k)
+            key = store.fingerprint(version, data_fingerprint, shaping, folds_fp, recipe.seed, k)
             seed = int(store.fingerprint(recipe.seed, b.alias, k), 16) % 2**31
             jobs.append(Job(b.alias, k, b, key, seed, test_fingerprint))
     return jobs

@@ -251,12 +251,6 @@ def write_job(directory: Path, output, meta: dict, test_key: str) -> None:
     write_json(directory / "done.json", {"key": meta["key"], "test": test_key})
 
 
-def adopt(directory: Path, key: str, test_key: str) -> None:
-    """Mark a finished job, written under an older key that covered the same training and test
-    images, as done under ``key``: nothing in it changes."""
-    write_json(Path(directory) / "done.json", {"key": key, "test": test_key})
-
-
 # --------------------------------------------------------------------------- reading logits back
 
 

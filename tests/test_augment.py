@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ensemble.augment import AUGMENTATIONS, crop, cutout, flip, make_augment, normalize, translate
+from ensemble.augment import (AUGMENTATIONS, crop, cutout, flip, hole_pixels, make_augment, normalize, shift_pixels,
+                              translate)
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
@@ -71,6 +72,16 @@ def test_cutout_zeroes_one_square_per_image():
     assert torch.equal(out[~zeroed.unsqueeze(1).expand_as(out)], x[~zeroed.unsqueeze(1).expand_as(x)])
     area = zeroed.flatten(1).sum(1)
     assert int(area.min()) >= 16 and int(area.max()) == 64
+
+
+@pytest.mark.parametrize("h, w, shift, hole", [(32, 32, 4, 8), (16, 16, 2, 4), (224, 200, 25, 50), (7, 9, 1, 1)])
+def test_shift_and_hole_scale_with_the_image_size(h, w, shift, hole):
+    x = batch(n=50, h=h, w=w)
+    assert (shift_pixels(x), hole_pixels(x)) == (shift, hole)
+    assert torch.equal(crop(x, gen(0)), crop(x, gen(0), pad=shift))
+    assert torch.equal(translate(x, gen(0)), crop(x, gen(0), pad=shift, mode="zeros"))
+    assert torch.equal(cutout(x, gen(0)), cutout(x, gen(0), size=hole))
+    assert not torch.equal(crop(x, gen(0)), crop(x, gen(0), pad=shift + 1))
 
 
 def test_make_augment_composes_in_order_and_rejects_unknown_names():

@@ -421,6 +421,10 @@ def _edit_npz(tmp_path, edit):
         (lambda d: _edit_npz(d, lambda a: a.update(weights_=np.array(["a", "b", "c"]))), "c.json",
          "dtype kind"),
         (lambda d: _edit_npz(d, lambda a: a.update(weights_=np.ones(3))), "c.json", "sum to 1"),
+        (lambda d: _edit_json(d, lambda j: j["state"].update({"best_size_": 26})), "c.json",
+         "best_size_ 26 must be at most rounds"),
+        (lambda d: _edit_npz(d, lambda a: a.update(weights_=a["weights_"][[1, 2, 0]])), "c.json",
+         "weights_ must be the member counts"),
     ],
 )
 def test_load_errors_name_file_and_problem(corrupt, file, fragment, tmp_path):

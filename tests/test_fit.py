@@ -537,11 +537,9 @@ def test_new_test_images_are_predicted_by_the_saved_models_without_retraining(tm
     assert all(set(m) == {"oof"} for m in json.loads((run / "metrics.json").read_text())["members"].values())
 
 
-def test_a_run_keyed_before_the_test_images_left_the_key_is_reused(tiny_recipe, tmp_path, session_cache, capsys):
-    """Jobs finished before 2026-11 were keyed by one fingerprint of training and test images
-    together; with the same images they are reused as they are, test logits included."""
-    import hashlib
-
+def test_jobs_of_an_earlier_cache_version_train_again_with_a_note(tiny_recipe, tmp_path, session_cache, capsys):
+    """Jobs that an earlier version of the training loop made (an older jobs.CACHE_VERSION) are
+    not reused, and fit says why every one of them trains again."""
     from ensemble import jobs
     from ensemble import recipe as recipe_mod
 
@@ -549,22 +547,19 @@ def test_a_run_keyed_before_the_test_images_left_the_key_is_reused(tiny_recipe, 
     assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
     r = recipe_mod.with_absolute_paths(recipe_mod.load(tiny_recipe))
     ds = data_mod.load_dataset(r.data, session_cache, r.seed, progress=False)
-    h = hashlib.sha256(json.dumps(list(ds.train.classes)).encode())  # the fingerprint as it was written then
-    for t in (ds.train.x, ds.train.y, ds.test.x, ds.test.y):
-        a = np.ascontiguousarray(t.numpy())
-        h.update(f"{a.dtype}{a.shape}".encode())
-        h.update(memoryview(a).cast("B"))
-    assert ds.legacy_fingerprint == h.hexdigest()[:16]
-    for job in jobs.plan(r, h.hexdigest()[:16], np.load(run / "folds.npy")):  # the keys as they were then
-        (run / f"members/{job.alias}/fold{job.fold}/done.json").write_text(json.dumps({"key": job.key}))
-    trained, before = job_pids(run), json.loads((run / "metrics.json").read_text())
+    older = jobs.plan(r, ds.fingerprint, np.load(run / "folds.npy"), ds.test_fingerprint, version=jobs.CACHE_VERSION - 1)
+    for job in older[:4]:  # the keys of the earlier version, the same images
+        (run / f"members/{job.alias}/fold{job.fold}/done.json").write_text(
+            json.dumps({"key": job.key, "test": job.test_key}))
+    written = {p.parent.relative_to(run).as_posix(): p.stat().st_mtime_ns for p in run.glob("members/*/fold*/weights.*")}
     capsys.readouterr()
     assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0
-    out = capsys.readouterr().out
-    assert "6 jobs, 6 cached, 0 to train" in out and "test set" not in out
-    assert job_pids(run) == trained and json.loads((run / "metrics.json").read_text()) == before
-    assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 0  # now under today's keys
-    assert "6 jobs, 6 cached, 0 to train" in capsys.readouterr().out
+    out, err = capsys.readouterr()
+    assert "6 jobs, 2 cached, 4 to train" in out
+    assert "note: 4 finished job(s) were trained by an earlier version of ensemble" in err
+    assert "training images changed" not in err
+    rewritten = sorted(k for k, t in written.items() if (run / k / "weights.safetensors").stat().st_mtime_ns != t)
+    assert rewritten == sorted(f"members/{j.alias}/fold{j.fold}" for j in older[:4])
 
 
 def test_test_logits_of_another_test_set_are_refused(tiny_recipe, tmp_path, session_cache):

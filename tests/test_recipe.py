@@ -41,8 +41,6 @@ BAD_OVERRIDES = [
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
     (["ensemble.meta_learner='svm'"],
      "ensemble.meta_learner must be one of logistic | random_forest | extra_trees | gradient_boosting | knn, got 'svm'"),
-    (["data.image_size=4"], "digits_5fold.toml: train.augment cannot be applied to 4x4 images: reflect padding of 4 "
-                            "pixels needs images larger than that; got 4x4"),
     (["ensemble.meta_params={C=-1.0}"], "The 'C' parameter of LogisticRegression must be a float in the range"),
     (["ensemble.meta_params={class_weight={cat=2.0}}"],  # refused by LogisticRegression.fit only
      "ensemble combiner 'stacking' cannot be fitted: The classes, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9], are not in class_weight"),
