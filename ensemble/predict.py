@@ -458,6 +458,8 @@ def _list_input(arg: str, classes: tuple[str, ...]) -> tuple[list[_Entry], list,
         return [], [(arg, "does not exist")], []
     if path.is_dir():
         return _list_dir(arg, path, classes)
+    if not path.is_file():  # reading a device or a pipe would never end
+        return [], [(arg, "not a regular file (a device or a pipe)")], []
     if path.name.lower().endswith(IMAGE_EXTENSIONS):
         return [_Entry(arg, path, -1)], [], []
     if path.name.lower().endswith(ARCHIVE_EXTENSIONS) or tarfile.is_tarfile(path):
@@ -602,7 +604,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come before, between or after the INPUTs
     if not args.members and not args.inputs:
         p.error("give at least one INPUT (or --members to list what the run holds)")
     if args.members and (args.inputs or args.method is not None):
@@ -623,6 +625,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error(f"--out {args.out} is inside the run folder {args.run}; write the predictions elsewhere")
     if any(out == Path(i).resolve() for i in args.inputs):
         p.error(f"--out {args.out} is one of the INPUTs; give another CSV file name")
+    if args.out.name.lower().endswith(IMAGE_EXTENSIONS + ARCHIVE_EXTENSIONS):  # it would overwrite an input
+        p.error(f"--out {args.out} is named like an image or an archive; give a CSV file name")
     return args
 
 

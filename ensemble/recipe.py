@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import difflib
+import json
 import math
 import os
 import re
@@ -37,6 +38,15 @@ META_LEARNERS = ("logistic", "random_forest", "extra_trees", "gradient_boosting"
 def is_device(name: str) -> bool:
     """Whether ``name`` is a device fit and predict take: auto, cpu, cuda or cuda:N."""
     return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+
+
+NAME_RULE = "must be 1 to 100 letters, digits, '_', '-', '.', with a letter or digit among them"
+
+
+def is_name(text: str) -> bool:
+    """Whether ``text`` can name a run or a backbone (``alias``): it becomes a folder name, so
+    ``.`` and ``..`` are not names, and a long one would not fit the report's file names."""
+    return len(text) <= 100 and re.fullmatch(r"[A-Za-z0-9_.\-]*[A-Za-z0-9][A-Za-z0-9_.\-]*", text) is not None
 
 
 def _check(test, expected: str) -> dict:
@@ -160,12 +170,26 @@ def _convert(value: Any, tp, key: str, fail) -> Any:
     if tp is dict:
         if not isinstance(value, dict):
             raise fail(f"must be a table, got {value!r}")
+        _check_plain(value, fail)
         return dict(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         raise fail(f"must be {_type_name(tp)}, got {value!r}{_spelling_hint(value, tp, key)}")
     if tp is float and not math.isfinite(value):
         raise fail(f"must be a finite number, got {value!r}")
     return value
+
+
+def _check_plain(value: Any, fail) -> None:
+    """A table's values must be what a run's recipe.toml can write back: numbers, text,
+    true/false, and lists and tables of them (no TOML dates or times)."""
+    if isinstance(value, dict):
+        for v in value.values():
+            _check_plain(v, fail)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            _check_plain(v, fail)
+    elif not isinstance(value, bool | int | float | str):
+        raise fail(f"may hold numbers, text, true/false, lists and tables; got {value!r}")
 
 
 def _spelling_hint(value: Any, tp: type, key: str) -> str:
@@ -248,8 +272,8 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
         merged = _build(TrainConfig, {**base, **overrides}, prefix, where)
         b = _build(BackboneConfig, rest, prefix, where, extra={"train": merged})
         alias = b.alias or _derive_alias(b.name)
-        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", alias):
-            raise RecipeError(f"{where}: {prefix}alias must use letters, digits, '_', '-', '.', got {alias!r}")
+        if not is_name(alias):
+            raise RecipeError(f"{where}: {prefix}alias {NAME_RULE}, got {alias!r}")
         if alias in seen:
             raise RecipeError(
                 f"{where}: {prefix}alias {alias!r} is already used by backbones[{seen[alias]}]; "
@@ -287,8 +311,8 @@ def from_dict(table: dict, where: str = "recipe") -> Recipe:
     recipe = dataclasses.replace(
         recipe, backbones=_build_backbones(backbones, recipe.train, where), source_file=where
     )
-    if not re.fullmatch(r"[A-Za-z0-9_.\-]+", recipe.name):
-        raise RecipeError(f"{where}: name must use letters, digits, '_', '-', '.', got {recipe.name!r}")
+    if not is_name(recipe.name):
+        raise RecipeError(f"{where}: name {NAME_RULE}, got {recipe.name!r}")
     _check_cross_fields(recipe, where)
     return recipe
 
@@ -407,13 +431,17 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a JSON string is a TOML basic string, once DEL is escaped too
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list | tuple):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {_toml_value(x)}" for k, x in v.items()) + " }"
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")
+
+
+def _toml_key(k: str) -> str:
+    return k if re.fullmatch(r"[A-Za-z0-9_-]+", k) else _toml_value(k)
 
 
 def dumps(recipe: Recipe) -> str:

@@ -338,6 +338,21 @@ def test_a_file_name_that_is_not_utf8_is_written_escaped(base, tmp_path, capsys,
     assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [f"{tmp_path}/caf\\udce9.png"]
 
 
+def test_options_may_come_between_the_run_and_the_inputs(base, tmp_path, capsys, good_image):
+    out = tmp_path / "p.csv"
+    rc, _, err = call([base["run"], "--method", "mean", "--out", out, good_image, "--quiet"], capsys)
+    assert rc == 0, err
+    assert [r["path"] for r in read_csv(out)] == [str(good_image)]
+
+
+def test_a_pipe_as_input_fails_without_hanging(base, tmp_path, capsys, good_image):
+    fifo = tmp_path / "pipe.png"
+    os.mkfifo(fifo)  # opening it to read would wait for a writer for ever
+    rc, _, err = call([base["run"], fifo, good_image, "--out", tmp_path / "p.csv", "--quiet"], capsys)
+    assert rc == 1 and f"error: {fifo}: not a regular file (a device or a pipe)" in err
+    assert [r["path"] for r in read_csv(tmp_path / "p.csv")] == [str(good_image)]
+
+
 def test_nothing_readable_exits_1_without_csv(base, tmp_path, capsys):
     rc, _, err = call([base["run"], tmp_path / "missing", "--out", tmp_path / "p.csv"], capsys)
     assert rc == 1 and "nothing predicted" in err
@@ -490,6 +505,7 @@ def test_usage_errors_exit_2(base, capsys, case, argv, message):
     (lambda run, image: run / "recipe.toml", "is inside the run folder"),
     (lambda run, image: image, "is one of the INPUTs"),
     (lambda run, image: image / "p.csv", "is a file, not a folder"),
+    (lambda run, image: image.parent / "other.png", "is named like an image or an archive"),  # an input's sibling
 ])
 def test_out_that_would_destroy_a_file_is_refused(base, capsys, good_image, out, message):
     before = {p: p.read_bytes() for p in (base["run"] / "recipe.toml", good_image)}

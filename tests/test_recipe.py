@@ -58,6 +58,11 @@ BAD_OVERRIDES = [
                              "ValueError: Expected more than 1 value per channel when training"),
     (["train.lr=inf"], "digits_5fold.toml: train.lr must be a finite number, got inf"),
     (["seed.x=1"], "--set seed.x: seed is a value (0), not a table; set it with --set seed=..."),
+    (["backbones.1.alias='..'"], "backbones[1].alias must be 1 to 100 letters, digits, '_', '-', '.', with a letter "
+                                 "or digit among them, got '..'"),
+    (["backbones.1.alias='" + "b" * 101 + "'"], "backbones[1].alias must be 1 to 100 letters"),
+    (["ensemble.meta_params={C=1979-05-27}"],
+     "ensemble.meta_params may hold numbers, text, true/false, lists and tables; got datetime.date(1979, 5, 27)"),
     (["backbones.3.lr=0.1"], "--set backbones.3.lr: no list item '3' (there are 3)"),
     (["backbones.0.augment.0='flip'"], "--set backbones.0.augment.0: backbones.0.augment is not written in the recipe"),
     (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
@@ -92,7 +97,8 @@ def test_bad_recipe_exits_2_with_one_line(overrides, message, capsys, tmp_path):
         ("name = 'x'\n[train\n", "x.toml: not valid TOML"),
         ("name = 'x'\nseed = 0\n", "x.toml: backbones must be a non-empty list"),
         ("seed = 0\n[[backbones]]\nname = 'timm:test_resnet'\n", "x.toml: name is required"),
-        ("name = 'a b'\n[[backbones]]\nname = 'timm:test_resnet'\n", "x.toml: name must use letters"),
+        ("name = 'a b'\n[[backbones]]\nname = 'timm:test_resnet'\n", "x.toml: name must be 1 to 100 letters"),
+        ("name = '.'\n[[backbones]]\nname = 'timm:test_resnet'\n", "x.toml: name must be 1 to 100 letters"),
         ("name = 'x'\n[[backbones]]\nname = 'timm:test_resnet'\nstem = 'tiny'\n", "backbones[0].stem must be one of"),
     ],
 )
@@ -199,6 +205,15 @@ def test_resolved_recipe_round_trips(tmp_path):
     path.write_text(recipe.dumps(r))
     again = recipe.load(path)
     assert again == r
+
+
+def test_odd_keys_and_text_round_trip(tmp_path):
+    """Keys that are not bare TOML keys, and text with quotes, newlines and DEL, read back as written."""
+    r = recipe.load(DIGITS, ["""ensemble.meta_params={"a b"=1, "café"=2, ""=3, "x.y"={"z"="q\\"\\n\\u007f"}}"""])
+    assert r.ensemble.meta_params == {"a b": 1, "café": 2, "": 3, "x.y": {"z": 'q"\n\x7f'}}
+    path = tmp_path / "resolved.toml"
+    path.write_text(recipe.dumps(r), encoding="utf-8")
+    assert recipe.load(path) == r
 
 
 def test_timm_names_with_a_pretrained_tag_are_models():
