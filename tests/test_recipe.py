@@ -61,8 +61,10 @@ BAD_OVERRIDES = [
     (["backbones.1.alias='..'"], "backbones[1].alias must be 1 to 100 letters, digits, '_', '-', '.', with a letter "
                                  "or digit among them, got '..'"),
     (["backbones.1.alias='" + "b" * 101 + "'"], "backbones[1].alias must be 1 to 100 letters"),
+    (["data.source='folder'", "data.path='/tmp/caf\udce9'"],
+     "data.path is not UTF-8 text (a file name in another encoding?), got '/tmp/caf\\udce9'"),
     (["ensemble.meta_params={C=1979-05-27}"],
-     "ensemble.meta_params may hold numbers, text, true/false, lists and tables; got datetime.date(1979, 5, 27)"),
+     "ensemble.meta_params may hold numbers, UTF-8 text, true/false, lists and tables; got datetime.date(1979, 5, 27)"),
     (["backbones.3.lr=0.1"], "--set backbones.3.lr: no list item '3' (there are 3)"),
     (["backbones.0.augment.0='flip'"], "--set backbones.0.augment.0: backbones.0.augment is not written in the recipe"),
     (["ensemble.members='all'"], "ensemble.members must be one of final | snapshots, got 'all'"),
