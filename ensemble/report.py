@@ -15,8 +15,10 @@ import datetime as dt
 import html
 import io
 import json
+import os
 import re
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -27,9 +29,10 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch
-from matplotlib.ticker import PercentFormatter
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from ensemble import store
+from ensemble.combiners import TS_SUFFIX
 from ensemble.metrics import ece, reliability, softmax
 from ensemble.recipe import tomllib
 
@@ -93,10 +96,23 @@ def _aliases(member_names: list) -> list:
 
 
 def _check_metrics(path: Path, metrics: dict) -> None:
+    rerun = f"rerun `{store.fit_command(path.parent)}` to rewrite it"
+    if not isinstance(metrics, dict):
+        raise ReportError(f"{path} holds no metrics object (a JSON {type(metrics).__name__}); {rerun}")
     for key in ("member_names", "members", "classes"):
         if key not in metrics:
-            raise ReportError(f"{path} has no {key!r} key (keys: {sorted(metrics)}); "
-                              f"rerun `{store.fit_command(path.parent)}` to rewrite it")
+            raise ReportError(f"{path} has no {key!r} key (keys: {sorted(metrics)}); {rerun}")
+    for key in ("member_names", "classes"):
+        if not isinstance(metrics[key], list) or not all(isinstance(n, str) for n in metrics[key]):
+            raise ReportError(f"{path}: {key!r} is not a list of names; {rerun}")
+    for kind in ("members", "combiners"):
+        entries = metrics.get(kind, {})
+        if not isinstance(entries, dict):
+            raise ReportError(f"{path}: {kind!r} is not an object; {rerun}")
+        for name, splits in entries.items():
+            if not (isinstance(splits, dict) and isinstance(splits.get("oof"), dict)
+                    and isinstance(splits.get("test", {}), dict)):
+                raise ReportError(f"{path}: {kind} entry {name!r} is not an object with 'oof' scores; {rerun}")
 
 
 def _oof_matrix(run_dir: Path, names: list) -> np.ndarray:
@@ -186,15 +202,33 @@ def _short(name: str, width: int = MAX_LABEL) -> str:
     return f"{name[:width - tail - 1]}…{name[-tail:]}"
 
 
-def _shorts(names: list, width: int = MAX_LABEL) -> list:
-    """_short for each of several distinct names; names that abbreviate alike get '#1', '#2'."""
+def _keep_middle(name: str, pre: int, suf: int, width: int) -> str:
+    """Abbreviate ``name`` in its first ``pre`` and last ``suf`` characters (the part several names
+    share) rather than in between, where they differ."""
+    mid = name[pre:len(name) - suf]
+    room = max(width - min(len(mid), width // 2) - 2, 0)     # what the shared ends may keep
+    head, tail = name[:min(pre, room - room // 2)], name[len(name) - min(suf, room // 2):]
+    head += "…" if len(head) < pre else ""
+    tail = ("…" if len(tail) < suf else "") + tail
+    return head + _short(mid, max(width - len(head) - len(tail), 1)) + tail
+
+
+def _shorts(names: list, width: int = MAX_LABEL, key: dict | None = None) -> list:
+    """_short for each of several distinct names (longer labels when there are few of them);
+    names that abbreviate alike are abbreviated in the part they share instead, and those that
+    still do get '#1', '#2' in sorted order (added to ``key`` as label -> name)."""
+    if len(names) <= 6:
+        width += width // 2
     short = [_short(n, width) for n in names]
-    clashes = {s for s in short if short.count(s) > 1}
-    seen = {}
-    for i, s in enumerate(short):
-        if s in clashes:
-            seen[s] = seen.get(s, 0) + 1
-            short[i] = f"{s}#{seen[s]}"
+    if len(set(short)) < len(short):
+        pre = len(os.path.commonprefix(names))
+        suf = len(os.path.commonprefix([n[pre:][::-1] for n in names]))
+        short = [_keep_middle(n, pre, suf, width) for n in names]
+    for s in {s for s in short if short.count(s) > 1}:
+        alike = sorted(n for n, t in zip(names, short) if t == s)
+        short = [f"{t}#{alike.index(n) + 1}" if t == s else t for n, t in zip(names, short)]
+        if key is not None:
+            key.update((f"{s}#{i}", n) for i, n in enumerate(alike, start=1))
     return short
 
 
@@ -222,6 +256,12 @@ def _table_rows(metrics: dict) -> list:
     return rows
 
 
+def _rank(row: tuple) -> tuple:
+    """Sort key of a _table_rows row, best first: OOF accuracy, then OOF NLL (as fit picks the best)."""
+    nll = _get(row[2], "oof", "nll")
+    return -(_get(row[2], "oof", "accuracy") or -1.0), np.inf if nll is None else nll, row[1] != "combiner"
+
+
 def _best_member(metrics: dict) -> str:
     names = metrics["member_names"]
     return max(names, key=lambda n: _get(metrics["members"].get(n, {}), "oof", "accuracy") or -1.0)
@@ -234,27 +274,33 @@ def _curve_arrays(epochs: list) -> dict:
     return {k: np.array([e.get(k, np.nan) for e in epochs], dtype=float) for k in keys}
 
 
-def curves_figure(alias: str, histories: list, snapshot_epochs: list) -> Figure:
-    """Train and held-out-fold loss and accuracy per epoch: thin line per fold, bold mean."""
+def curves_figure(alias: str, histories: list, snapshot_epochs: list, augmented: bool = True) -> Figure:
+    """Train and held-out-fold loss and accuracy per epoch: thin line per fold, bold mean
+    (with markers when there are few epochs, so that one epoch still shows)."""
     folds = [_curve_arrays(h) for h in histories if h]
+    marker = "o" if max((len(f["epoch"]) for f in folds), default=0) <= 10 else None
     fig = _figure(12, 5.0)
     ax_loss, ax_acc = fig.subplots(1, 2)
     common = sorted(set.intersection(*[set(f["epoch"].tolist()) for f in folds])) if folds else []
     keep = [np.isin(f["epoch"], common) for f in folds]
     panels = ((ax_loss, "loss", "cross-entropy loss (nats)"),
               (ax_acc, "acc", "accuracy (% correct)"))
-    lines = (("train", TRAIN_COLOR, "train (augmented batches, during the epoch)"),
+    lines = (("train", TRAIN_COLOR, f"train ({'augmented ' if augmented else ''}batches, during the epoch)"),
              ("val", HELD_OUT_COLOR, "held-out fold"))
     for ax, metric, ylabel in panels:
         for split, color, label in lines:
             for f in folds:
-                ax.plot(f["epoch"], f[f"{split}_{metric}"], color=color, lw=0.8, alpha=0.35)
+                ax.plot(f["epoch"], f[f"{split}_{metric}"], color=color, lw=0.8, alpha=0.35, marker=marker, ms=3)
             if common:
                 mean = np.mean([f[f"{split}_{metric}"][k] for f, k in zip(folds, keep)], axis=0)
-                ax.plot(common, mean, color=color, lw=2.6,
+                ax.plot(common, mean, color=color, lw=2.6, marker=marker, ms=6,
                         label=f"{label}, mean of {len(folds)} folds")
         for e in snapshot_epochs:
             ax.axvline(e, color="0.4", ls="--", lw=1.0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+        if marker and folds:  # half an epoch of margin: one epoch gets a tick of its own
+            epochs = np.concatenate([f["epoch"] for f in folds])
+            ax.set_xlim(np.nanmin(epochs) - 0.5, np.nanmax(epochs) + 0.5)
         ax.set_xlabel("epoch")
         ax.set_ylabel(ylabel)
         ax.grid(alpha=0.3)
@@ -268,7 +314,7 @@ def curves_figure(alias: str, histories: list, snapshot_epochs: list) -> Figure:
     fig.legend(handles=handles, fontsize=9, loc="outside lower center", ncol=len(handles))
     ax_loss.set_title("loss per epoch")
     ax_acc.set_title("accuracy per epoch")
-    fig.suptitle(f"{alias}: learning curves over {len(folds)} folds "
+    fig.suptitle(f"{_short(alias, 40)}: learning curves over {len(folds)} folds "
                  f"(held-out = the fold the model did not train on)", fontsize=12)
     return fig
 
@@ -282,7 +328,7 @@ _PANELS = (("accuracy", "accuracy", "fraction of rows correct (higher is better)
 
 def comparison_figure(metrics: dict) -> Figure:
     """Accuracy, macro F1 and NLL of every member and combiner, OOF and test side by side."""
-    rows = sorted(_table_rows(metrics), key=lambda r: -(_get(r[2], "oof", "accuracy") or -1.0))
+    rows = sorted(_table_rows(metrics), key=_rank)
     splits = [s for s in ("oof", "test") if any(s in r[2] for r in rows)]
     n, bar = len(rows), 0.8 / len(splits)
     fig = _figure(15, 1.8 + 0.26 * n * len(splits))
@@ -290,7 +336,7 @@ def comparison_figure(metrics: dict) -> Figure:
     ypos = np.arange(n)
     for ax, (key, title, xlabel) in zip(axes, _PANELS):
         # NLL has no upper bound: a hard vote's (near one-hot probabilities) would flatten every other bar
-        scaled = [r for r in rows if key != "nll" or not r[0].startswith("vote")] or rows
+        scaled = [r for r in rows if key != "nll" or not (r[1] == "combiner" and r[0].startswith("vote"))] or rows
         top = 1.0 if key != "nll" else max([_get(r[2], s, key) or 0.0 for r in scaled for s in splits] + [1e-9])
         for j, split in enumerate(splits):
             vals = [_get(r[2], split, key) for r in rows]
@@ -317,15 +363,16 @@ def comparison_figure(metrics: dict) -> Figure:
                for kind, c in (("member", MEMBER_COLORS), ("combiner", COMBINER_COLORS))
                for j, s in enumerate(splits)]
     fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=9)
-    fig.suptitle("Members and combiners (bold, orange), sorted by OOF accuracy, best at top",
+    fig.suptitle("Members and combiners (bold, orange), sorted by OOF accuracy (then NLL), best at top",
                  fontsize=12)
     return fig
 
 
 # ----------------------------------------------------------------------------- 3. confusion
 
-def confusion_figure(metrics: dict) -> Figure:
-    """Row-normalised confusion matrix of the best combiner (test split if present, else OOF)."""
+def _confusion(metrics: dict, run_dir: Path | None = None) -> tuple[str, str, np.ndarray, str]:
+    """(name, split, counts, note) of the confusion matrix the report draws: the best combiner's
+    (the best member's if there is none), on the test split if present, else OOF."""
     best = metrics.get("best")
     kind = "combiners" if best in metrics.get("combiners", {}) else "members"
     note = ""
@@ -334,15 +381,23 @@ def confusion_figure(metrics: dict) -> Figure:
     splits = metrics[kind][best]
     split = "test" if splits.get("test", {}).get("confusion") else "oof"
     if not splits.get(split, {}).get("confusion"):
-        raise ReportError(f"metrics.json has no confusion matrix for {best!r}; "
-                          f"rerun `python -m ensemble.fit`")
-    counts = np.asarray(splits[split]["confusion"], dtype=float)
-    norm = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+        command = store.fit_command(run_dir) if run_dir is not None else "python -m ensemble.fit"
+        raise ReportError(f"metrics.json has no confusion matrix for {best!r}; rerun `{command}`")
+    return best, split, np.asarray(splits[split]["confusion"], dtype=float), note
+
+
+def confusion_figure(metrics: dict, run_dir: Path | None = None) -> Figure:
+    """Row-normalised confusion matrix of the best combiner (test split if present, else OOF);
+    a class with no rows in the split is a grey row marked 'no images'."""
+    best, split, counts, note = _confusion(metrics, run_dir)
+    empty = counts.sum(axis=1) == 0
+    norm = np.ma.masked_where(np.repeat(empty[:, None], len(counts), axis=1),
+                              counts / np.maximum(counts.sum(axis=1, keepdims=True), 1))
     c = len(counts)
     side = float(np.clip(0.42 * c + 2.5, 5.5, 16))
     fig = _figure(side + 1.6, side + 0.6)
     ax = fig.subplots()
-    im = ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
+    im = ax.imshow(norm, cmap=matplotlib.colormaps["Blues"].with_extremes(bad="0.85"), vmin=0, vmax=1)
     fs = _fontsize(c, side - 1.5, largest=10)
     names = _shorts(list(metrics["classes"]), 16)
     slant = c <= 12                       # few classes: 45 degrees reads best; many: vertical
@@ -351,13 +406,17 @@ def confusion_figure(metrics: dict) -> Figure:
     ax.set_yticks(range(c), labels=names, fontsize=fs)
     if c <= 20:
         for i, j in np.ndindex(c, c):
-            ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=min(fs, 9),
-                    color="white" if norm[i, j] > 0.6 else "black")
+            if not empty[i]:
+                ax.text(j, i, f"{norm[i, j]:.2f}", ha="center", va="center", fontsize=min(fs, 9),
+                        color="white" if norm[i, j] > 0.6 else "black")
+    for i in np.flatnonzero(empty):
+        ax.text((c - 1) / 2, i, "no images", ha="center", va="center", fontsize=min(fs, 9), color="0.3")
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class's rows")
     ax.set_title(f"Confusion matrix: {best}, {split.upper() if split == 'oof' else split} split, "
-                 f"n = {int(counts.sum())}{note}\nrows normalised by true class", fontsize=11)
+                 f"n = {int(counts.sum())}{note}\nrows normalised by true class"
+                 + ("; grey: no images of the class" if empty.any() else ""), fontsize=11)
     return fig
 
 
@@ -375,7 +434,7 @@ def _reliability_curves(run: Run) -> tuple[list, str]:
         rel, e = reliability(proba, run.y), ece(proba, run.y)
     curves = [(f"best member: {_short(member)}", rel, e)]
     combos = m.get("combiners", {})
-    wanted = [n for n in [m.get("best")] + sorted(n for n in combos if n.endswith("+ts"))
+    wanted = [n for n in [m.get("best")] + sorted(n for n in combos if n.split(":")[0].endswith(TS_SUFFIX))
               if n in combos]
     for name in dict.fromkeys(wanted):
         rel = combos[name].get("oof", {}).get("reliability")
@@ -509,20 +568,41 @@ def ensemble_size_figure(run: Run) -> Figure:
 # ----------------------------------------------------------------------------- assembling
 
 def _file_safe(alias: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.@-]", "_", alias)
+    return re.sub(r"[^A-Za-z0-9_.@-]", "_", alias)  # aliases are at most 100 characters (recipe.is_name)
 
 
 def build_figures(run: Run) -> dict:
     """File name -> Figure for every plot of the report, in display order."""
     figs = {"comparison.png": comparison_figure(run.metrics),
-            "confusion.png": confusion_figure(run.metrics),
-            "reliability.png": reliability_figure(run),
-            "diversity.png": diversity_figure(run),
-            "ensemble_size.png": ensemble_size_figure(run)}
+            "confusion.png": confusion_figure(run.metrics, run.path),
+            "reliability.png": reliability_figure(run)}
+    if len(run.member_names) > 1:  # one member disagrees with nobody
+        figs["diversity.png"] = diversity_figure(run)
+    figs["ensemble_size.png"] = ensemble_size_figure(run)
     for alias in run.histories:
         figs[f"curves_{_file_safe(alias)}.png"] = curves_figure(
-            alias, run.histories[alias], run.snapshot_epochs[alias])
+            alias, run.histories[alias], run.snapshot_epochs[alias], _augmented(run, alias))
     return figs
+
+
+def _recipe_table(run: Run) -> dict:
+    """The run's recipe as a table ({} if it does not parse)."""
+    try:
+        return tomllib.loads(run.recipe_text)
+    except tomllib.TOMLDecodeError:
+        return {}
+
+
+def _augmented(run: Run, alias: str) -> bool:
+    """Whether the recipe trains ``alias`` on augmented batches (its backbone's own augment, else
+    [train]'s; the default augments)."""
+    table = _recipe_table(run)
+    train = table.get("train", {}) if isinstance(table.get("train"), dict) else {}
+    augment = train.get("augment", True)
+    for b in table.get("backbones", []):
+        if isinstance(b, dict) and b.get("alias") == alias and "augment" in b:
+            augment = b["augment"]
+    return bool(augment)
 
 
 _CAPTIONS = {
@@ -543,9 +623,13 @@ def _caption(run: Run, name: str) -> str:
     for alias, epochs in run.snapshot_epochs.items():
         if name == f"curves_{_file_safe(alias)}.png":
             snapshots = "; dashed = a snapshot kept (cycle end)" if epochs else ""
+            batches = "augmented batches" if _augmented(run, alias) else "batches"
             return (f"Learning curves of {alias}: one thin line per fold, bold = mean over folds{snapshots}. "
-                    "Train scores are running means over the epoch's augmented batches while the weights "
+                    f"Train scores are running means over the epoch's {batches} while the weights "
                     "change, so they can sit below the held-out fold's, scored after the epoch.")
+    if name == "confusion.png" and not _confusion(run.metrics)[2].sum(axis=1).all():
+        return _CAPTIONS[name] + (" A grey row marked 'no images' is a class with no images in the split "
+                                  "shown: it has nothing to normalise.")
     return _CAPTIONS.get(name, name)
 
 
@@ -569,7 +653,7 @@ def metrics_table(metrics: dict) -> str:
         for split, vals in splits.items():
             if not isinstance(vals, dict):
                 continue
-            cls = ' class="best"' if name == metrics.get("best") else ""
+            cls = ' class="best"' if kind == "combiner" and name == metrics.get("best") else ""
             cells = "".join(f"<td>{_fmt(_get(splits, split, k))}</td>"
                             for k in ("accuracy", "f1", "nll", "ece"))
             body.append(f"<tr{cls}><td>{html.escape(name)}</td><td>{kind}</td>"
@@ -585,6 +669,23 @@ td:first-child,th:first-child{text-align:left}tr.best{background:#fff3e0;font-we
 pre{background:#f6f6f6;padding:1em;overflow:auto}"""
 
 
+def _shown(path) -> str:
+    """A path (or a name taken from one) as text: bytes that are not UTF-8 become U+FFFD."""
+    return os.fsencode(path).decode("utf-8", "replace")
+
+
+def _label_note(run: Run) -> str:
+    """The key to the plot labels _shorts had to number, '' if none was."""
+    key = {}
+    _shorts(run.classes, 16, key)                                    # confusion
+    _shorts([r[0] for r in _table_rows(run.metrics)], MAX_LABEL, key)  # comparison
+    _shorts(run.member_names, MAX_LABEL, key)                         # diversity, ensemble size
+    if not key:
+        return ""
+    items = "; ".join(f"<code>{html.escape(label)}</code> → {html.escape(name)}" for label, name in key.items())
+    return f"<p>Numbered labels in the plots: {items}.</p>\n"
+
+
 def render_html(run: Run, pngs: dict) -> str:
     """The self-contained page: every PNG as a data URI, the metrics table and the recipe."""
     now = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
@@ -593,19 +694,24 @@ def render_html(run: Run, pngs: dict) -> str:
         f'{base64.b64encode(data).decode("ascii")}"><figcaption><code>{html.escape(name)}</code>: '
         f'{html.escape(_caption(run, name))}</figcaption></figure>'
         for name, data in pngs.items())
-    title = html.escape(run.name)
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+    if "diversity.png" not in pngs:
+        figures += "\n<p>No pairwise disagreement plot: the run has only one member.</p>"
+    has_test = any("test" in r[2] for r in _table_rows(run.metrics))
+    test = (" Split <code>test</code>: the test set, which nothing trained or chose on." if has_test
+            else " The run has no test set.")
+    title = html.escape(_shown(run.name))
+    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
             f"<title>{title}: ensemble report</title><style>{_CSS}</style></head><body>\n"
             f"<h1>{title}</h1>\n"
-            f"<p>Run folder <code>{html.escape(str(run.path))}</code>; "
+            f"<p>Run folder <code>{html.escape(_shown(run.path))}</code>; "
             f"{len(run.y)} training images (OOF rows), {len(run.classes)} classes: "
             f"{html.escape(store.class_list(run.classes))}; "
             f"report generated {now}. Best combiner (nested OOF accuracy): "
             f"<b>{html.escape(str(run.metrics.get('best')))}</b>.</p>\n"
             f"<h2>Metrics</h2>\n<p>Split <code>oof</code>: a member's row is predicted by the one fold model "
             f"that did not train on it; a combiner's by nested cross-validation (fitted without that row's "
-            f"fold). Split <code>test</code>: the test set, which nothing trained or chose on.</p>\n"
-            f"{metrics_table(run.metrics)}\n<h2>Plots</h2>\n{figures}\n"
+            f"fold).{test}</p>\n"
+            f"{metrics_table(run.metrics)}\n<h2>Plots</h2>\n{_label_note(run)}{figures}\n"
             f"<h2>Recipe</h2>\n<pre>{html.escape(run.recipe_text)}</pre>\n</body></html>\n")
 
 
@@ -613,30 +719,74 @@ def write_report(run_dir, out_dir=None) -> Path:
     """Write every PNG and index.html to out_dir (default run_dir/report); return index.html."""
     run = load_run(run_dir)
     out = Path(out_dir) if out_dir is not None else run.path / "report"
-    _check_out(out, run)
-    out.mkdir(parents=True, exist_ok=True)
-    pngs = {}
-    for name, fig in build_figures(run).items():
-        pngs[name] = _png(fig)
-        store.atomic_write(out / name, lambda f, png=pngs[name]: f.write(png))
-    index = out / "index.html"
-    store.write_text(index, render_html(run, pngs))
+    try:
+        _check_out(out, run)
+        out.mkdir(parents=True, exist_ok=True)
+        pngs = _draw(run)
+        for old in out.glob("*.png"):  # a previous report's plots that this one has not (other aliases)
+            if old.name not in pngs and (old.name in _CAPTIONS or old.name.startswith("curves_")):
+                old.unlink()
+        for name, png in pngs.items():
+            store.atomic_write(out / name, lambda f, png=png: f.write(png))
+        index = out / "index.html"
+        store.write_text(index, render_html(run, pngs))
+    except OSError as exc:
+        raise ReportError(f"cannot write the report to {_shown(out)}: {exc.strerror or exc}") from None
     return index
 
 
-def _check_out(out: Path, run: Run) -> None:
-    """ReportError for a folder where the report's files would be taken for something else: inside
-    the run folder (but its report/), or inside the images the run reads (PNGs there become images)."""
-    out = out.resolve()
-    if out.is_relative_to(run.path.resolve()) and out != (run.path / "report").resolve():
-        raise ReportError(f"--out {out} is inside the run folder; give {run.path / 'report'} or a folder outside it")
+def _draw(run: Run) -> dict:
+    """File name -> PNG bytes of every plot. Glyphs the installed fonts lack (e.g. CJK class names)
+    are said once on stderr, not once per glyph and figure as matplotlib warns."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.filterwarnings("always", message="Glyph .* missing from font", category=UserWarning)
+        pngs = {name: _png(fig) for name, fig in build_figures(run).items()}
+    missing = set()
+    for w in caught:
+        glyph = re.match(r"Glyph (\d+) .*missing from font", str(w.message))
+        if glyph:
+            missing.add(chr(int(glyph.group(1))))
+        else:
+            warnings.showwarning(w.message, w.category, w.filename, w.lineno)
+    if missing:
+        print(f"note: the installed fonts cannot draw {len(missing)} character(s) of the labels "
+              f"({' '.join(sorted(missing)[:10])}); the plots show them as boxes", file=sys.stderr)
+    return pngs
+
+
+GENERATOR = '<meta name="generator" content="ensemble.report">'
+
+
+def _is_report(folder: Path) -> bool:
+    """Whether ``folder`` holds a report of this module (its index.html names the generator, or,
+    written before that, ends its title with ': ensemble report')."""
     try:
-        data = tomllib.loads(run.recipe_text).get("data", {})
-    except tomllib.TOMLDecodeError:
-        return
-    inside = store.inside_images(out, data) if isinstance(data, dict) else None
+        with open(folder / "index.html", encoding="utf-8", errors="replace") as f:
+            head = f.read(4000)
+    except OSError:
+        return False
+    return GENERATOR in head or ": ensemble report</title>" in head
+
+
+def _check_out(out: Path, run: Run) -> None:
+    """ReportError for a folder the report cannot or should not write to: a file, a non-empty folder
+    that holds no previous report (its files would be overwritten or mixed in), inside the run folder
+    (but its report/), or inside the images the run reads (PNGs there become images)."""
+    where = _shown(out)
+    if out.exists() and not out.is_dir():
+        raise ReportError(f"cannot write the report to {where}: it is a file; give a folder (--out DIR) "
+                          "or remove the file")
+    full, own = out.resolve(), (run.path / "report").resolve()
+    if full.is_relative_to(run.path.resolve()) and full != own:
+        raise ReportError(f"--out {where} is inside the run folder; give {_shown(run.path / 'report')} "
+                          "or a folder outside it")
+    if full != own and out.is_dir() and any(out.iterdir()) and not _is_report(out):
+        raise ReportError(f"cannot write the report to {where}: the folder holds other files and no previous "
+                          "report (index.html by python -m ensemble.report); give an empty or new folder")
+    data = _recipe_table(run).get("data", {})
+    inside = store.inside_images(full, data) if isinstance(data, dict) else None
     if inside:
-        raise ReportError(f"--out {out} is inside {inside}: its PNGs would be read as images on the next run; "
+        raise ReportError(f"--out {where} is inside {inside}: its PNGs would be read as images on the next run; "
                           "give a folder outside it")
 
 
@@ -647,14 +797,12 @@ def main(argv=None) -> int:
     parser.add_argument("run_dir", type=Path, help="a fitted run folder, outputs/<run>")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default RUN_DIR/report)")
     args = parser.parse_args(argv)
-    if args.out is not None and args.out.exists() and not args.out.is_dir():
-        parser.error(f"--out {args.out} is a file; give a folder")
     try:
         index = write_report(args.run_dir, args.out)
     except ReportError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
-    print(index)
+    print(_shown(index))  # a strict UTF-8 stdout cannot print a non-UTF-8 path's surrogates
     return 0
 
 

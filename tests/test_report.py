@@ -7,10 +7,12 @@ import base64
 import contextlib
 import io
 import json
+import os
 import re
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -326,6 +328,12 @@ def test_missing_file_is_named(tmp_path, missing):
         assert "complete the run" not in str(info.value)
 
 
+def _edit_metrics(run: Path, edit) -> None:
+    metrics = json.loads((run / "metrics.json").read_text())
+    edit(metrics)
+    (run / "metrics.json").write_text(json.dumps(metrics))
+
+
 @pytest.mark.parametrize("damage, message", [
     (lambda run: np.save(run / "members/convnext_nano/fold0/oof_logits.npy", np.zeros((1, 5, 4))),
      r"fold0/oof_logits.npy: shape \(1, 5, 4\), expected \(1, \d+, 4\)"),
@@ -337,6 +345,10 @@ def test_missing_file_is_named(tmp_path, missing):
     (lambda run: (run / "labels.npy").write_bytes((run / "labels.npy").read_bytes()[:100]),
      r"labels.npy: not a readable numpy array .*; rewrite it with `python -m ensemble.fit"),
     (lambda run: (run / "recipe.toml").unlink(), "not a run folder"),
+    (lambda run: (run / "metrics.json").write_text("3"), "metrics.json holds no metrics object"),
+    (lambda run: _edit_metrics(run, lambda m: m["combiners"].update(vote={})),
+     "metrics.json: combiners entry 'vote' is not an object with 'oof' scores"),
+    (lambda run: _edit_metrics(run, lambda m: m.update(classes="abcd")), "'classes' is not a list of names"),
 ])
 def test_inconsistent_run_is_explained(tmp_path, damage, message):
     run = make_run(tmp_path)
@@ -347,9 +359,36 @@ def test_inconsistent_run_is_explained(tmp_path, damage, message):
 
 def test_main_refuses_a_file_as_out(tmp_path, capsys):
     (tmp_path / "p.csv").write_text("x")
-    with pytest.raises(SystemExit) as info:
-        main([str(make_run(tmp_path)), "--out", str(tmp_path / "p.csv")])
-    assert info.value.code == 2 and "is a file; give a folder" in capsys.readouterr().err
+    assert main([str(make_run(tmp_path)), "--out", str(tmp_path / "p.csv")]) == 2
+    assert "is a file; give a folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("out", ["file/sub", "/proc/rep", None])
+def test_main_says_on_one_line_why_the_report_cannot_be_written(tmp_path, capsys, out):
+    run = make_run(tmp_path)
+    (tmp_path / "file").write_text("x")
+    if out is None:  # the default RUN/report is a file
+        (run / "report").write_text("x")
+    target = run / "report" if out is None else tmp_path / out
+    assert main([str(run)] + ([] if out is None else ["--out", str(target)])) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write the report to {target}: ") and err.count("\n") == 1, err
+
+
+def test_out_must_be_empty_or_a_previous_report(tmp_path, capsys):
+    run = make_run(tmp_path)
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "index.html").write_text("<html>someone's page</html>")
+    assert main([str(run), "--out", str(site)]) == 2
+    assert "holds other files and no previous report" in capsys.readouterr().err
+    assert (site / "index.html").read_text() == "<html>someone's page</html>"
+    (site / "index.html").unlink()
+    assert main([str(run), "--out", str(site)]) == 0  # empty: fine
+    (site / "curves_renamed_alias.png").write_bytes((site / "comparison.png").read_bytes())
+    (site / "notes.txt").write_text("kept")
+    assert main([str(run), "--out", str(site)]) == 0  # its own previous report: rewritten
+    assert not (site / "curves_renamed_alias.png").exists() and (site / "notes.txt").exists()
 
 
 def test_main_refuses_an_out_inside_the_run_or_its_images(tmp_path, capsys):
@@ -370,6 +409,129 @@ def test_main_reports_a_missing_file_on_one_line(tmp_path, capsys):
     assert main([str(run)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "oof_logits.npy" in err and err.startswith("error: ")
+
+
+# ----------------------------------------------------------------------------- audit findings
+
+def test_the_longest_alias_gets_a_file_name_and_a_short_title():
+    a = "x" * 100  # the longest a recipe takes
+    assert len(f".curves_{report._file_safe(a)}.png.abcdefgh.tmp".encode()) < 255  # atomic_write's temp file
+    assert report._file_safe("snap_resnet18@s1") == "snap_resnet18@s1"
+    hist = [[{"epoch": 1, "train_loss": 1.0, "val_loss": 1.0, "train_acc": 0.5, "val_acc": 0.5}]]
+    assert len(report.curves_figure(a, hist, []).get_suptitle()) < 150
+
+
+def test_a_run_folder_whose_path_is_not_utf8(tmp_path):
+    odd = Path(os.fsdecode(os.fsencode(tmp_path) + b"/caf\xe9run"))
+    make_run(tmp_path).rename(odd)
+    assert main([str(odd), "--out", str(tmp_path / "out")]) == 0
+    assert "caf\ufffdrun" in (tmp_path / "out" / "index.html").read_text()
+
+
+def test_reliability_draws_calibrated_snapshot_combiners(tmp_path):
+    run = make_run(tmp_path)
+    _edit_metrics(run, lambda m: m["combiners"].update({"snapshot+ts:snap_resnet18": m["combiners"]["mean+ts"]}))
+    labels = report.reliability_figure(load_run(run)).axes[0].get_legend_handles_labels()[1]
+    assert any(label.startswith("calibrated: snapshot+ts:snap_resnet18") for label in labels), labels
+
+
+def _rename_member(metrics: dict, old: str, new: str) -> None:
+    metrics["member_names"] = [new if n == old else n for n in metrics["member_names"]]
+    metrics["members"][new] = metrics["members"].pop(old)
+
+
+def test_a_member_named_like_a_combiner_is_treated_as_a_member(small_report):
+    metrics = json.loads((small_report[0] / "metrics.json").read_text())
+    _rename_member(metrics, "convnext_nano", metrics["best"])
+    best = re.findall(r'<tr class="best"><td>[^<]+</td><td>(\w+)</td>', report.metrics_table(metrics))
+    assert best and set(best) == {"combiner"}
+    _rename_member(metrics, metrics["member_names"][0], "voter")
+    metrics["members"]["voter"]["oof"]["nll"] = 9.5   # a member's NLL counts for the scale
+    assert report.comparison_figure(metrics).axes[2].get_xlim()[1] > 9.5
+
+
+@pytest.mark.parametrize("n_epochs", [1, 2])
+def test_short_learning_curves_have_markers_and_whole_epoch_ticks(n_epochs):
+    hist = [[{"epoch": e, "train_loss": 1.0 / e + k, "val_loss": 1.2 / e, "train_acc": 0.5, "val_acc": 0.4}
+             for e in range(1, n_epochs + 1)] for k in range(3)]
+    fig = report.curves_figure("a", hist, [])
+    fig.canvas.draw()
+    for ax in fig.axes:
+        drawn = [line for line in ax.lines if len(line.get_xdata())]
+        assert drawn and all(line.get_marker() not in (None, "None", "") for line in drawn)
+        lo, hi = ax.get_xlim()
+        assert [t for t in ax.get_xticks() if lo <= t <= hi] == list(range(1, n_epochs + 1))
+
+
+def test_shortened_labels_keep_where_names_differ(tmp_path):
+    words = ("zero", "one", "two", "three", "four", "five", "six", "seven")
+    names = [f"scanned_digit_{w}_from_archive" for w in words]
+    labels = report._shorts(names, 16)
+    assert all(w in label and len(label) <= 16 for w, label in zip(words, labels)), labels
+    few = report._shorts(names[:3], 16)                  # few labels may be longer
+    assert len(set(few)) == 3 and 16 < max(map(len, few)) <= 24, few
+    clash = ["0" + "x" * 30 + "a" + "x" * 30 + "0", "0" + "x" * 30 + "b" + "x" * 30 + "0", "1" + "x" * 61 + "1"]
+    key = {}
+    labels = report._shorts(clash, 16, key)
+    assert labels[0].endswith("#1") and labels[1].endswith("#2") and "#" not in labels[2]
+    assert key == {labels[0]: clash[0], labels[1]: clash[1]}
+    run = make_run(tmp_path, n_classes=3)
+    _edit_metrics(run, lambda m: m.update(classes=clash))
+    page = write_report(run).read_text()
+    assert f"<code>{labels[0]}</code> → {clash[0]}" in page
+
+
+def test_a_class_without_images_in_the_split_is_a_grey_row(tmp_path):
+    run = make_run(tmp_path)
+    _edit_metrics(run, lambda m: m["combiners"][m["best"]]["test"]["confusion"].__setitem__(0, [0, 0, 0, 0]))
+    loaded = load_run(run)
+    texts = [t.get_text() for t in report.confusion_figure(loaded.metrics).axes[0].texts]
+    assert texts.count("no images") == 1 and len(texts) == 1 + 3 * 4
+    assert "no images" in report._caption(loaded, "confusion.png")
+    assert "no images" not in report._caption(load_run(make_run(tmp_path / "b")), "confusion.png")
+
+
+def test_missing_glyphs_are_one_note_not_a_warning_each(tmp_path, capsys):
+    run = make_run(tmp_path)
+    _edit_metrics(run, lambda m: m.update(classes=["日本語", "中文", "字體", "漢字"]))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(run)
+    assert not [w for w in caught if "Glyph" in str(w.message)]
+    assert capsys.readouterr().err.count("\n") <= 1
+
+
+def test_wording_follows_the_run(tmp_path):
+    run = make_run(tmp_path / "a", with_test=False)
+    page = write_report(run).read_text()
+    assert "Split <code>test</code>" not in page and "no test set" in page
+    text = (run / "recipe.toml").read_text()
+    text = text.replace("[train]\n", "[train]\naugment = []\n")   # [train]'s, and one backbone's own
+    text = text.replace('alias = "convnext_nano"', 'alias = "convnext_nano"\naugment = ["flip"]')
+    (run / "recipe.toml").write_text(text)
+    loaded = load_run(run)
+    assert not report._augmented(loaded, "snap_resnet18") and report._augmented(loaded, "convnext_nano")
+    assert "augmented" not in report._caption(loaded, "curves_snap_resnet18.png")
+    fig = report.curves_figure("snap_resnet18", loaded.histories["snap_resnet18"], [], augmented=False)
+    assert not any("augmented" in t.get_text() for t in fig.legends[0].get_texts())
+    # one member: no lone grey disagreement cell, a sentence instead
+    one = make_run(tmp_path / "b", n_members=1)
+    page = write_report(one).read_text()
+    assert not (one / "report" / "diversity.png").exists() and "only one member" in page
+    # the confusion hint names the command that rewrites this run
+    _edit_metrics(one, lambda m: [s.pop("confusion") for s in m["combiners"][m["best"]].values()])
+    with pytest.raises(ReportError, match=re.escape(f"--out {one}")):
+        write_report(one)
+
+
+def test_comparison_breaks_accuracy_ties_by_nll_like_fit(small_report):
+    metrics = json.loads((small_report[0] / "metrics.json").read_text())
+    first, second = list(metrics["combiners"])[:2]
+    for name, nll in ((first, 0.9), (second, 0.1)):
+        metrics["combiners"][name]["oof"].update(accuracy=1.0, nll=nll)
+    metrics["best"] = second                    # as fit picks it: OOF accuracy, then OOF NLL
+    top = report.comparison_figure(metrics).axes[0].get_yticklabels()[0].get_text()
+    assert top == second
 
 
 # ----------------------------------------------------------------------------- headless browser
