@@ -109,13 +109,26 @@ def _conv_like(conv: nn.Conv2d, **changes) -> nn.Conv2d:
 
 
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
-    """3x3 stride-1 first convolution and no max-pool: keeps 32x32 inputs from shrinking to 8x8."""
+    """3x3 stride-1 first convolution and no stem max-pool: keeps 32x32 inputs from shrinking to 8x8."""
     name, conv = _first_conv(model)
     _set_module(model, name, _conv_like(conv, kernel_size=3, stride=1, padding=1))
-    for attr in ("maxpool", "max_pool", "pool"):
-        if isinstance(getattr(model, attr, None), nn.MaxPool2d):
-            setattr(model, attr, nn.Identity())
+    pool = _stem_pool(model)
+    if pool is not None:
+        _set_module(model, pool, nn.Identity())
     return model
+
+
+def _stem_pool(model: nn.Module) -> str | None:
+    """The name of the stem's max-pool: the first MaxPool2d, if at most 3 convolutions come before it
+    (a ResNet's `maxpool`, a ResNetV2's `stem.pool`, a DenseNet's `features.pool0`, GoogLeNet's
+    `maxpool1`); None for stems without one (EfficientNet, RegNet, ViT)."""
+    convs = 0
+    for name, m in model.named_modules():
+        if isinstance(m, nn.Conv2d):
+            convs += 1
+        elif isinstance(m, nn.MaxPool2d):
+            return name if convs <= 3 else None
+    return None
 
 
 def load_weights(model: nn.Module, path: str) -> None:

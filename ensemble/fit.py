@@ -447,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
     except jobs_mod.ClusterError as exc:
         print(f"error: {' '.join(str(exc).split())}; finished jobs are kept", file=sys.stderr)
         return 2
-    except DivergedError as exc:
+    except (DivergedError, jobs_mod.JobError) as exc:
         print(f"error: {exc}; finished jobs are kept", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:

@@ -20,6 +20,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,8 @@ def run_job(
     runs, slot s on GPU s mod n_gpus: concurrent jobs spread over the GPUs instead of
     piling onto one.
     """
+    from .train import DivergedError
+
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -146,8 +149,31 @@ def run_job(
             with claim_gpu(Path(run_dir) / ".gpu-slots", gpu_slots, torch.cuda.device_count()) as gpu:
                 return _train_and_write(job, data, run_dir, progress, f"cuda:{gpu}")
         return _train_and_write(job, data, run_dir, progress, None)
+    except (DivergedError, OSError):  # fit says these in its own words
+        raise
+    except Exception as exc:  # noqa: BLE001 - a library's error inside the job: one line naming the job
+        raise JobError(_failure(job, exc, Path(run_dir))) from None
     finally:
         torch.set_num_threads(previous)
+
+
+class JobError(RuntimeError):
+    """A job failed inside its training; the message names the job, the error and its traceback file."""
+
+
+def _failure(job: Job, exc: Exception, run_dir: Path) -> str:
+    """One line for a job's failure; the whole traceback goes to the job folder's error.txt."""
+    where = store.job_dir(run_dir, job.alias, job.fold) / "error.txt"
+    try:
+        store.write_text(where, "".join(traceback.format_exception(exc)))
+        saved = f" (traceback: {where})"
+    except OSError:
+        saved = ""
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    hint = ("; it came from torch.compile (a C++ compiler is needed on the CPU): set train.compile = false"
+            if job.backbone.train.compile and type(exc).__module__.startswith(("torch._dynamo", "torch._inductor"))
+            else "")
+    return f"{job.alias} fold{job.fold} failed: {type(exc).__name__}: {first}{hint}{saved}"
 
 
 def _run_job_ray(job: Job, data_ref, run_dir: Path, threads: int, progress: bool) -> dict:
@@ -273,9 +299,16 @@ def claim_gpu(lock_dir: Path, n_slots: int, n_gpus: int, poll_s: float = 0.2) ->
         time.sleep(poll_s)
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (taskset, a cgroup cpuset, SLURM), not the machine's count."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def _threads_per_job(n_jobs: int) -> int:
-    cores = os.cpu_count() or 1
-    return max(1, cores // max(1, n_jobs))
+    return max(1, usable_cores() // max(1, n_jobs))
 
 
 def run_all(

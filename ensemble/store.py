@@ -248,6 +248,7 @@ def write_job(directory: Path, output, meta: dict, test_key: str) -> None:
         if old.name not in names:
             old.unlink()
     write_json(directory / "meta.json", meta)
+    (directory / "error.txt").unlink(missing_ok=True)  # of an earlier attempt that failed
     write_json(directory / "done.json", {"key": meta["key"], "test": test_key})
 
 

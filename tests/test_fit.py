@@ -392,6 +392,32 @@ def test_a_diverged_job_stops_fit_with_a_clear_error(tiny_recipe, tmp_path, sess
     assert not list(run.glob("members/*/fold*/done.json")) and not (run / "metrics.json").exists()
 
 
+def test_a_job_that_fails_inside_training_is_one_line_naming_it(tiny_recipe, tmp_path, session_cache, capsys,
+                                                                 monkeypatch):
+    """A library's error inside a job (torch.compile without a C++ compiler, say) names the job on one
+    line and keeps its traceback in the job folder; a later successful run removes that file."""
+    from ensemble import train
+
+    real = train.train_member
+
+    def failing(*args, **kwargs):
+        raise ValueError("no working C++ compiler\n(a long explanation)")
+
+    run = tmp_path / "run"
+    args = fit_args(tiny_recipe, run, session_cache, "--set", "train.epochs=1",
+                    "--set", "backbones=[{name='timm:test_resnet'}]")
+    monkeypatch.setattr(train, "train_member", failing)
+    assert fit.main(args) == 1
+    err = capsys.readouterr().err
+    traceback_file = run / "members/test_resnet/fold0/error.txt"
+    assert err == (f"error: test_resnet fold0 failed: ValueError: no working C++ compiler (traceback: {traceback_file}); "
+                   "finished jobs are kept\n")
+    assert "Traceback" in traceback_file.read_text() and "in failing" in traceback_file.read_text()
+    monkeypatch.setattr(train, "train_member", real)
+    assert fit.main(args) == 0
+    assert not traceback_file.exists() and (run / "members/test_resnet/fold0/done.json").exists()
+
+
 @pytest.mark.parametrize("snapshots, advice", [
     (0, "lower its lr (now 0.1) or raise train.warmup (now 0.1)"),
     (2, "lower its lr (now 0.1) (its snapshot cycles have no warm-up)"),  # warmup does nothing there

@@ -79,9 +79,16 @@ def test_jobs2_twice_gives_bitwise_equal_oof_logits_and_splits_threads(local_run
     again = _fit(tmp_path, "again", "--jobs", "2")
     assert _threads(again) == _threads(local_run)
     assert_same_oof(again, local_run)
-    cores = os.cpu_count() or 1
-    assert set(_threads(local_run).values()) == {max(1, cores // 2)}  # no oversubscription in the workers
+    assert set(_threads(local_run).values()) == {max(1, jobs.usable_cores() // 2)}  # no oversubscription in the workers
     assert torch.get_num_threads() >= 1  # the parent's own setting is untouched by the jobs
+
+
+def test_threads_per_job_count_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # as under `taskset -c 0`
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert jobs._threads_per_job(1) == 1 and jobs._threads_per_job(2) == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    assert jobs._threads_per_job(2) == 4
 
 
 def test_a_job_rerun_in_this_process_gives_the_bits_a_worker_wrote(local_run, tmp_path):
