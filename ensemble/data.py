@@ -322,6 +322,9 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
 # --------------------------------------------------------------------------- cache
 
 
+_UNCACHEABLE: set[Path] = set()  # cache folders this process could not write to (said once)
+
+
 def _cached(
     cache_dir: Path, name: str, key: dict, read: Callable[[], tuple[Images, Images | None]]
 ) -> tuple[Images, Images | None]:
@@ -345,8 +348,10 @@ def _cached(
         try:
             _write_cache(folder, key, train, test, notes)
         except OSError as exc:  # a read-only or full disk: the images are decoded, only the next run is slower
-            note = f"the decoded images could not be cached in {cache_dir} ({exc.strerror or exc})"
-            _warn_notes([note + "; the next run decodes them again"])
+            if cache_dir not in _UNCACHEABLE:  # once, not again for the test images
+                _UNCACHEABLE.add(cache_dir)
+                note = f"the decoded images could not be cached in {cache_dir} ({exc.strerror or exc})"
+                _warn_notes([note + "; the next run decodes them again"])
     _warn_notes(notes)
     return train, test
 

@@ -191,7 +191,8 @@ def table(result: dict) -> str:
     head += f" {'test acc':>8} {'test f1':>7} {'test nll':>8}" if has_test else ""
     lines = [head, "-" * len(head)]
     for kind in ("members", "combiners"):
-        for name, s in sorted(result[kind].items(), key=lambda kv: -kv[1]["oof"]["accuracy"]):
+        # best first, as the best combiner is picked: OOF accuracy, then OOF NLL
+        for name, s in sorted(result[kind].items(), key=lambda kv: (-kv[1]["oof"]["accuracy"], kv[1]["oof"]["nll"])):
             line = f"{kind.rstrip('s'):9} {name[:28]:28} {s['oof']['accuracy']:8.4f} {s['oof']['f1']:7.4f} "
             line += f"{s['oof']['nll']:8.4f}"
             if "test" in s:

@@ -719,3 +719,15 @@ def test_a_signal_ignored_by_nohup_stays_ignored(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is not fit._raise_terminated
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_the_end_of_fit_table_breaks_accuracy_ties_by_nll_as_the_best_is_picked():
+    from ensemble.evaluate import table
+
+    def scores(acc, nll):
+        return {"oof": {"accuracy": acc, "f1": acc, "nll": nll}}
+
+    result = {"members": {"a": scores(0.9, 0.5)}, "best": "weighted",
+              "combiners": {"mean": scores(0.95, 0.3), "vote": scores(0.96, 0.9), "weighted": scores(0.95, 0.2)}}
+    names = [line.split()[1] for line in table(result).splitlines()[2:6]]
+    assert names == ["a", "vote", "weighted", "mean"]
