@@ -66,7 +66,7 @@ def lr_factor(cfg: TrainConfig, total_steps: int) -> Callable[[int], float]:
     if cfg.snapshots:
         cycle = total_steps / cfg.snapshots
         return lambda step: 0.5 * (1 + math.cos(math.pi * (step % cycle) / cycle))
-    warm = int(cfg.warmup * total_steps)
+    warm = round(cfg.warmup * total_steps)  # not int(): 0.29 * 100 is 28.999...
 
     def factor(step: int) -> float:
         if step < warm:
