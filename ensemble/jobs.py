@@ -34,7 +34,7 @@ from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
 
 CACHE_VERSION = 2  # bump when the training loop changes what a cached job contains (2: crop and cutout
 #                   scale with the image size, weight decay spares timm's no_weight_decay(), the cifar
-#                   stem removes a nested stem max-pool)
+#                   stem removes a nested stem max-pool, warm-up steps are rounded)
 
 
 @dataclass(frozen=True)
