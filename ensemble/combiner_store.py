@@ -60,11 +60,28 @@ def saved_form(combiner: Combiner) -> tuple[str, dict[str, np.ndarray]]:
             raise ValueError(
                 f"{combiner.name}: array {key!r} has object dtype; it would need pickle"
             )
+    key = _non_text_key(state["params"])
+    if key is not None:
+        raise ValueError(f"{combiner.name}: parameter {key} is a table whose keys are not text; JSON would "
+                         "save them as text and the loaded combiner would differ (for class_weight, use 'balanced')")
     doc = {"format": FORMAT, "class": combiner.name, **state}
     try:
         return json.dumps(doc, indent=1, allow_nan=False, default=_plain), arrays  # fails early if not JSON-able
     except (TypeError, ValueError) as exc:
         raise ValueError(f"{combiner.name}: its parameters cannot be saved as JSON ({exc})") from None
+
+
+def _non_text_key(value, path: str = "") -> str | None:
+    """The path of the first table (dict) in ``value`` with a key that is not a str, else None."""
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            return path.lstrip(".") or "?"
+        found = (_non_text_key(v, f"{path}.{k}") for k, v in value.items())
+    elif isinstance(value, list | tuple):
+        found = (_non_text_key(v, f"{path}[{i}]") for i, v in enumerate(value))
+    else:
+        return None
+    return next((f for f in found if f is not None), None)
 
 
 def _plain(value):

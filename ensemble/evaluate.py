@@ -67,8 +67,8 @@ def check_fits(recipe: Recipe, n_classes: int, fit_rows: int) -> None:
     """
     n_members = sum(b.train.snapshots if recipe.ensemble.members == "snapshots" and b.train.snapshots else 1
                     for b in recipe.backbones)
-    rows = fit_rows if recipe.ensemble.meta_learner == "knn" else min(fit_rows, 500)
-    y = np.arange(max(rows, 2 * n_classes)) % n_classes
+    knn = recipe.ensemble.meta_learner == "knn"
+    y = np.arange(fit_rows if knn else max(min(fit_rows, 500), 2 * n_classes)) % n_classes
     logits = np.random.default_rng(0).normal(size=(n_members, len(y), n_classes))
     for name, combiner in build_combiners(recipe).items():
         if combiner.learns:

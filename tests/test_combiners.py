@@ -375,6 +375,17 @@ def test_a_failed_fit_leaves_the_combiner_unfitted():
         stacking.predict_proba(L)
 
 
+def test_a_table_parameter_with_keys_that_are_not_text_is_refused_at_save(tmp_path):
+    """JSON keeps only text keys: class_weight {0: 2.0} would load back as {"0": 2.0}, which the refit
+    of a non-logistic meta-learner refuses."""
+    weights = {c: 1.0 + (c == 0) for c in range(int(Y.max()) + 1)}
+    stacking = comb.make_combiner("stacking", meta_learner="random_forest",
+                                  meta_params={"class_weight": weights, "n_estimators": 5}).fit(L, Y)
+    with pytest.raises(ValueError, match="parameter meta_params.class_weight is a table whose keys are not text"):
+        save_combiner(stacking, tmp_path, "s")
+    assert not list(tmp_path.iterdir())
+
+
 # --------------------------------------------------------------------------- store errors
 
 

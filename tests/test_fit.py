@@ -731,3 +731,16 @@ def test_the_end_of_fit_table_breaks_accuracy_ties_by_nll_as_the_best_is_picked(
               "combiners": {"mean": scores(0.95, 0.3), "vote": scores(0.96, 0.9), "weighted": scores(0.95, 0.2)}}
     names = [line.split()[1] for line in table(result).splitlines()[2:6]]
     assert names == ["a", "vote", "weighted", "mean"]
+
+
+def test_the_knn_check_before_training_uses_as_few_rows_as_a_nested_fit():
+    """16 rows in the smallest nested fit and 10 classes: n_neighbors = 18 is refused before training,
+    not in the nested fit after it."""
+    from ensemble import recipe
+    from ensemble.evaluate import check_fits
+
+    digits = Path(__file__).resolve().parents[1] / "recipes" / "digits_5fold.toml"
+    r = recipe.load(digits, ["ensemble.meta_learner='knn'", "ensemble.meta_params={n_neighbors=18}"])
+    check_fits(r, 10, 18)
+    with pytest.raises(recipe.RecipeError, match="n_neighbors = 18 is more than the 16 rows"):
+        check_fits(r, 10, 16)
