@@ -66,14 +66,14 @@ class DataNote(UserWarning):
 
 @contextlib.contextmanager
 def notes_printed():
-    """Print each DataNote warned inside as a ``note:`` line on stderr, also when loading fails;
-    other warnings go on as usual."""
+    """Print each DataNote warned inside as a ``note:`` line on stderr (once: the training and test
+    images may warn the same), also when loading fails; other warnings go on as usual."""
     notes: list[str] = []
     try:
         with _notes_kept(notes):
             yield
     finally:
-        for note in notes:
+        for note in dict.fromkeys(notes):
             print(f"note: {note}", file=sys.stderr)
 
 
@@ -322,9 +322,6 @@ def channel_stats(x: torch.Tensor, chunk: int = 4096) -> tuple[tuple[float, ...]
 # --------------------------------------------------------------------------- cache
 
 
-_UNCACHEABLE: set[Path] = set()  # cache folders this process could not write to (said once)
-
-
 def _cached(
     cache_dir: Path, name: str, key: dict, read: Callable[[], tuple[Images, Images | None]]
 ) -> tuple[Images, Images | None]:
@@ -348,10 +345,8 @@ def _cached(
         try:
             _write_cache(folder, key, train, test, notes)
         except OSError as exc:  # a read-only or full disk: the images are decoded, only the next run is slower
-            if cache_dir not in _UNCACHEABLE:  # once, not again for the test images
-                _UNCACHEABLE.add(cache_dir)
-                note = f"the decoded images could not be cached in {cache_dir} ({exc.strerror or exc})"
-                _warn_notes([note + "; the next run decodes them again"])
+            note = f"the decoded images could not be cached in {cache_dir} ({exc.strerror or exc})"
+            _warn_notes([note + "; the next run decodes them again"])
     _warn_notes(notes)
     return train, test
 
