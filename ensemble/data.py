@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from .progress import bar as progress_bar
-from .store import write_npy, write_text
+from .store import is_utf8, write_npy, write_text
 
 SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "folder")
 # torchvision ImageFolder's extensions, and .gif
@@ -552,14 +552,6 @@ def list_tar(path: Path, progress: Callable[[int], None] | None = None) -> Listi
     return listing
 
 
-def _is_utf8(name: str) -> bool:
-    try:
-        name.encode("utf-8")
-    except UnicodeEncodeError:  # bytes that are not UTF-8, kept by the OS as surrogates
-        return False
-    return True
-
-
 def _tar_parts(name: str) -> tuple[str, ...]:
     parts: list[str] = []
     for p in name.split("/"):
@@ -730,7 +722,7 @@ def _check_training_classes(classes: tuple[str, ...], files: list[tuple[str, ...
         raise DataError(f"class folder '{where}/{empty[0]}' has no images; add images or remove the folder")
     if len(classes) < 2:
         raise DataError(f"found only one class folder ({classes[0]!r}) in '{where}'; classification needs at least 2")
-    not_utf8 = [c for c in classes if not _is_utf8(c)]
+    not_utf8 = [c for c in classes if not is_utf8(c)]
     if not_utf8:
         raise DataError(f"class folder {not_utf8[0].encode('utf-8', 'surrogateescape')!r} in '{where}' has a name "
                         "that is not UTF-8 text (written by an older system?); rename it: the run stores, prints "

@@ -410,7 +410,7 @@ def _alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:  # there, but another user's
-        return True
+        pass
     return True
 
 

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .store import is_utf8
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -176,19 +178,10 @@ def _convert(value: Any, tp, key: str, fail) -> Any:
         raise fail(f"must be {_type_name(tp)}, got {value!r}{_spelling_hint(value, tp, key)}")
     if tp is float and not math.isfinite(value):
         raise fail(f"must be a finite number, got {value!r}")
-    if tp is str and not _is_utf8(value):
+    if tp is str and not is_utf8(value):
         raise fail(f"is not UTF-8 text (a file name in another encoding?), got {value!r}; rename it, or "
                    "give a link to it whose name is UTF-8")
     return value
-
-
-def _is_utf8(text: str) -> bool:
-    """False for text holding bytes that were not UTF-8 (as Python decodes such file names)."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _check_plain(value: Any, fail) -> None:
@@ -196,13 +189,13 @@ def _check_plain(value: Any, fail) -> None:
     true/false, and lists and tables of them (no TOML dates or times)."""
     if isinstance(value, dict):
         for k, v in value.items():
-            if not _is_utf8(k):
+            if not is_utf8(k):
                 raise fail(f"has a key that is not UTF-8 text: {k!r}")
             _check_plain(v, fail)
     elif isinstance(value, list | tuple):
         for v in value:
             _check_plain(v, fail)
-    elif not isinstance(value, bool | int | float | str) or isinstance(value, str) and not _is_utf8(value):
+    elif not isinstance(value, bool | int | float | str) or isinstance(value, str) and not is_utf8(value):
         raise fail(f"may hold numbers, UTF-8 text, true/false, lists and tables; got {value!r}")
 
 

@@ -21,7 +21,7 @@ import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 
 import matplotlib
@@ -69,6 +69,14 @@ class Run:
     snapshot_epochs: dict
     order: list | None
     best_size: int | None = None
+
+    @cached_property
+    def recipe(self) -> dict:
+        """The run's recipe as a table, parsed once ({} if it does not parse)."""
+        try:
+            return tomllib.loads(self.recipe_text)
+        except tomllib.TOMLDecodeError:
+            return {}
 
 
 # ----------------------------------------------------------------------------- reading a run
@@ -585,18 +593,10 @@ def build_figures(run: Run) -> dict:
     return figs
 
 
-def _recipe_table(run: Run) -> dict:
-    """The run's recipe as a table ({} if it does not parse)."""
-    try:
-        return tomllib.loads(run.recipe_text)
-    except tomllib.TOMLDecodeError:
-        return {}
-
-
 def _augmented(run: Run, alias: str) -> bool:
     """Whether the recipe trains ``alias`` on augmented batches (its backbone's own augment, else
     [train]'s; the default augments)."""
-    table = _recipe_table(run)
+    table = run.recipe
     train = table.get("train", {}) if isinstance(table.get("train"), dict) else {}
     augment = train.get("augment", True)
     for b in table.get("backbones", []):
@@ -783,7 +783,7 @@ def _check_out(out: Path, run: Run) -> None:
     if full != own and out.is_dir() and any(out.iterdir()) and not _is_report(out):
         raise ReportError(f"cannot write the report to {where}: the folder holds other files and no previous "
                           "report (index.html by python -m ensemble.report); give an empty or new folder")
-    data = _recipe_table(run).get("data", {})
+    data = run.recipe.get("data", {})
     inside = store.inside_images(full, data) if isinstance(data, dict) else None
     if inside:
         raise ReportError(f"--out {where} is inside {inside}: its PNGs would be read as images on the next run; "

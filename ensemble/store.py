@@ -121,6 +121,15 @@ def require_run_folder(run_dir: Path) -> None:
 COMPLETE = "run `python -m ensemble.fit` to complete the run"
 
 
+def is_utf8(text: str) -> bool:
+    """False for text holding bytes that were not UTF-8 (Python keeps such file names as surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def unwritable(folder: Path) -> str | None:
     """Why files cannot be created in ``folder`` (made first if missing), or None where they can."""
     p = Path(folder).absolute()
