@@ -538,7 +538,7 @@ def list_tar(path: Path, progress: Callable[[int], None] | None = None) -> Listi
     try:
         with open(path, "rb") as raw, tarfile.open(fileobj=raw, mode="r|*") as tf:
             for m in tf:
-                parts = _tar_parts(m.name)
+                parts = tar_parts(m.name)
                 if parts and not is_hidden(parts):
                     _add_tar_member(listing, tf, m, parts)
                 if progress is not None:
@@ -552,7 +552,8 @@ def list_tar(path: Path, progress: Callable[[int], None] | None = None) -> Listi
     return listing
 
 
-def _tar_parts(name: str) -> tuple[str, ...]:
+def tar_parts(name: str) -> tuple[str, ...]:
+    """A tar member's path as parts, with '.', empty parts and '..' resolved as a folder tree would."""
     parts: list[str] = []
     for p in name.split("/"):
         if p == "..":
@@ -570,7 +571,7 @@ def _add_tar_member(listing: Listing, tf: tarfile.TarFile, m: tarfile.TarInfo, p
     if m.isfile() and is_image(parts[-1]):
         blob = tf.extractfile(m).read()
     elif m.islnk() or m.issym():  # a hard link names the archive path; a symbolic one, a path from its folder
-        target = _tar_parts(m.linkname if m.islnk() else "/".join(parts[:-1] + (m.linkname,)))
+        target = tar_parts(m.linkname if m.islnk() else "/".join(parts[:-1] + (m.linkname,)))
         blob = listing.blobs.get(target) if is_image(parts[-1]) else None
     elif not m.isfile():
         return  # a device, a fifo

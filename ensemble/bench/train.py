@@ -100,8 +100,8 @@ def extract_subset(archive: Path, n: int, out: Path) -> int:
     kept: dict[str, list[tuple[str, bytes]]] = {}  # class -> its first n images, in archive order
     with tarfile.open(archive, mode="r|*") as tf:
         for member in tf:
-            parts = [p for p in member.name.split("/") if p not in ("", ".")]
-            if not member.isfile() or len(parts) < 2 or data.is_hidden(tuple(parts)) or not data.is_image(parts[-1]):
+            parts = data.tar_parts(member.name)
+            if not member.isfile() or len(parts) < 2 or data.is_hidden(parts) or not data.is_image(parts[-1]):
                 continue
             images = kept.setdefault(parts[-2], [])
             if len(images) < n:
