@@ -45,7 +45,7 @@ SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "f
 # torchvision ImageFolder's extensions, and .gif
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
-_CACHE_VERSION = 3  # bump when the decoded arrays of a source would change (3: links in tars, 16-bit gray)
+_CACHE_VERSION = 4  # bump when the decoded arrays of a source would change (3: links in tars, 16-bit gray; 4: tar duplicates, 16-bit PGM)
 _CHUNK = 2048  # images decoded (and resized) per batch
 _GRAY_MODES = ("1", "L", "LA", "La", "F")  # "I" modes: _wide_gray_to_uint8
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
@@ -440,8 +440,8 @@ def _load_folder_cached(path: str, key_name: str, cfg, cache_dir: Path, progress
         key = {**base, "files": stats, "folders": sorted(listing.dirs), "others": listing.others}
         read = partial(_read_tree, root, listing, cfg.image_size, progress, known)
     else:
-        st = _stat(root)
-        key = {**base, "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        size, mtime, ino, ctime = _size_mtime(root)
+        key = {**base, "size": size, "mtime_ns": mtime, "ino": ino, "ctime_ns": ctime}
         read = partial(_read_archive, root, cfg.image_size, progress, known)
     return _cached(cache_dir, "folder", key, lambda: (read(), None))[0]
 
@@ -472,9 +472,11 @@ def _unreadable(p: Path, exc: OSError) -> str:
     return f"cannot read '{p}'{broken} ({exc.strerror or exc}); make it readable or remove it"
 
 
-def _size_mtime(p: Path) -> tuple[int, int]:
+def _size_mtime(p: Path) -> tuple[int, int, int, int]:
+    """What tells a changed file: size and mtime, and inode and ctime, which change when a file is
+    replaced (`mv`) or rewritten with its old mtime kept (`cp -p`, `touch -r`, an extracted archive)."""
     st = _stat(p)
-    return st.st_size, st.st_mtime_ns
+    return st.st_size, st.st_mtime_ns, st.st_ino, st.st_ctime_ns
 
 
 def is_hidden(parts: tuple[str, ...]) -> bool:
@@ -547,8 +549,9 @@ def list_tar(path: Path, progress: Callable[[int], None] | None = None) -> Listi
                 raise tarfile.ReadError("it ends before tar's end-of-archive block: it was cut short")
     except (tarfile.TarError, EOFError, zlib.error, OSError) as err:
         listing.error = err
-    listing.files.sort()
-    listing.others.sort()
+    # a path stored twice (`tar -r`/`-u` appends a newer copy) is one file, the last copy, as tar extracts it
+    listing.files = sorted({p for p in listing.files if p in listing.blobs})
+    listing.others = sorted(set(listing.others) - set(listing.files))
     return listing
 
 
@@ -577,6 +580,7 @@ def _add_tar_member(listing: Listing, tf: tarfile.TarFile, m: tarfile.TarInfo, p
         return  # a device, a fifo
     if blob is None:
         listing.others.append(parts)
+        listing.blobs.pop(parts, None)  # a later non-image member replaces an earlier image of that path
         return
     listing.files.append(parts)
     listing.blobs[parts] = blob
@@ -769,7 +773,7 @@ def _decode_blobs(blobs: list[bytes], names: list[str], image_size: int, progres
 def _decode_chunk(blobs: list[bytes], names: list[str], image_size: int, transparent: list[str]) -> torch.Tensor:
     """Decode and resize one chunk; the names of images with transparent pixels go to `transparent`."""
     images: list[torch.Tensor | None] = [None] * len(blobs)
-    jpegs = [i for i, b in enumerate(blobs) if b[:2] == b"\xff\xd8"]
+    jpegs = [i for i, b in enumerate(blobs) if b[:2] == b"\xff\xd8" and not _over_pixel_limit(b)]
     for i, img in zip(jpegs, _decode_jpegs([blobs[i] for i in jpegs])):
         images[i] = img
     for i, img in enumerate(images):
@@ -784,6 +788,22 @@ def _decode_chunk(blobs: list[bytes], names: list[str], image_size: int, transpa
         batch = torch.stack([images[i].expand(channels, -1, -1) for i in idx])
         out[idx] = resize(batch, image_size)
     return out
+
+
+def _over_pixel_limit(blob: bytes) -> bool:
+    """Whether an image's header gives more pixels than PIL's decompression-bomb limit (or cannot be
+    read): such JPEGs go to PIL, which notes or refuses them, as it does every other format."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if not limit:
+        return False
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(blob)) as im:  # reads the header only
+                width, height = im.size
+    except _PIL_ERRORS:
+        return True
+    return width * height > limit
 
 
 def _decode_jpegs(blobs: list[bytes]) -> list[torch.Tensor | None]:
@@ -813,11 +833,12 @@ def pil_reason(err: BaseException) -> str:
     return re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(err)) or type(err).__name__
 
 
-def _wide_gray_to_uint8(a: np.ndarray, mode: str) -> np.ndarray:
+def _wide_gray_to_uint8(a: np.ndarray, mode: str, fmt: str | None = None) -> np.ndarray:
     """Gray pixels of an "I;16" image to uint8, its 16-bit range scaled to 8 bits; of an "I" image
-    (32-bit, with no fixed range) likewise, or kept as they are when every value fits in 0..255."""
+    likewise, or (a 32-bit TIFF, with no fixed range) kept as they are when every value fits in 0..255.
+    PIL opens a 16-bit PGM as "I", already scaled to 0..65535: always scaled."""
     a = a.astype(np.float64)
-    if mode != "I" or a.max(initial=0) > 255:
+    if mode != "I" or fmt in ("PPM", "PNG") or a.max(initial=0) > 255:
         a = a * (255 / 65535)
     return np.clip(np.rint(a), 0, 255).astype(np.uint8)
 
@@ -834,13 +855,14 @@ def _decode_pil(blob: bytes, name: str, transparent: list[str]) -> torch.Tensor:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # said below as a DataNote
+            warnings.filterwarnings("ignore", "Palette images with Transparency")  # the transparency note says it
             with Image.open(io.BytesIO(blob)) as im:
                 im.load()
                 width, height = im.size
                 if has_transparent_pixels(im):
                     transparent.append(name)
                 if im.mode.startswith("I"):  # 16-bit (or 32-bit int) gray: PIL's convert("L") clips it to white
-                    a = _wide_gray_to_uint8(np.asarray(im), im.mode)
+                    a = _wide_gray_to_uint8(np.asarray(im), im.mode, im.format)
                 else:
                     a = np.array(im.convert("L" if im.mode in _GRAY_MODES else "RGB"))  # a writable copy
     except _PIL_ERRORS as err:

@@ -287,6 +287,22 @@ def test_second_load_uses_the_cache_and_a_changed_file_does_not(tmp_path, monkey
         load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
 
 
+def test_a_file_swapped_in_with_the_same_size_and_mtime_is_decoded_again(tmp_path):
+    """Swapping two same-size images between classes (a relabelling) keeps every path, size and
+    mtime; the inode and ctime still tell the cache that the files changed."""
+    tree = make_tree(tmp_path / "tree", ext=".bmp")
+    cat, dog = tree / "cat" / "00.bmp", tree / "dog" / "00.bmp"
+    os.utime(cat, ns=(1, 1))
+    os.utime(dog, ns=(1, 1))
+    first = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    os.replace(cat, tmp_path / "swap.bmp")
+    os.replace(dog, cat)
+    os.replace(tmp_path / "swap.bmp", dog)
+    again = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert torch.equal(again.train.x[0], first.train.x[3]) and torch.equal(again.train.x[3], first.train.x[0])
+    assert again.fingerprint != first.fingerprint
+
+
 def test_a_cache_that_cannot_be_written_is_a_note_and_the_images_load(tmp_path):
     (tmp_path / "file").write_bytes(b"x")  # the cache folder would have to be made under a file
     with pytest.warns(data.DataNote, match="could not be cached in .*; the next run decodes them again"):
@@ -343,6 +359,13 @@ def test_16_bit_gray_pngs_are_scaled_alike_whatever_their_brightest_pixel():
     assert out[0].max() == out[1].max() == 1  # 255 and 256 of 65,535
 
 
+def test_16_bit_pgms_are_scaled_alike_whatever_their_brightest_pixel():
+    """PIL opens a 16-bit PGM as mode "I" (not "I;16"), already on 0..65535: scaled like a PNG."""
+    out = [decode_images([b"P5 4 4 65535\n" + np.full((4, 4), top, ">u2").tobytes()], ["dim.pgm"], 4)
+           for top in (200, 300)]
+    assert out[0].max() == out[1].max() == 1  # 200 and 300 of 65,535
+
+
 def test_an_image_over_pils_pixel_limit_is_a_note_naming_it_not_a_raw_warning(monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
     png = io.BytesIO()
@@ -353,6 +376,41 @@ def test_an_image_over_pils_pixel_limit_is_a_note_naming_it_not_a_raw_warning(mo
     assert x.shape == (1, 3, 8, 8)
     assert [w.category for w in caught] == [data.DataNote]
     assert "'huge.png' is 40x30 pixels" in str(caught[0].message)
+
+
+def test_a_jpeg_over_pils_pixel_limit_is_noted_or_refused_like_any_image(monkeypatch):
+    """JPEGs are decoded by torchvision, which has no such limit: their header is checked first."""
+    jpeg = io.BytesIO()
+    Image.new("RGB", (40, 30), "red").save(jpeg, "JPEG")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    with pytest.warns(data.DataNote, match="'huge.jpg' is 40x30 pixels"):
+        assert decode_images([jpeg.getvalue()], ["huge.jpg"], 8).shape == (1, 3, 8, 8)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)  # over twice the limit
+    with pytest.raises(DataError, match="huge.jpg"):
+        decode_images([jpeg.getvalue()], ["huge.jpg"], 8)
+
+
+def test_a_path_stored_twice_in_a_tar_is_one_image_its_last_copy(tmp_path):
+    """`tar -r` appends a newer copy of a path; it is one image, as tar extracts it, not two
+    copies that could land in two folds."""
+    tree = make_tree(tmp_path / "tree")
+    archive = make_tar(tree, tmp_path / "set.tar")
+    Image.new("RGB", (12, 12), "blue").save(tree / "cat" / "00.png")
+    with tarfile.open(archive, "a") as tf:
+        tf.add(tree / "cat" / "00.png", arcname="cat/00.png")
+    packed = load(tmp_path / "cache", source="folder", path=str(archive), image_size=12)
+    folder = load(tmp_path / "cache", source="folder", path=str(tree), image_size=12)
+    assert len(packed.train.y) == 9
+    assert torch.equal(packed.train.x, folder.train.x) and torch.equal(packed.train.y, folder.train.y)
+
+
+def test_a_palette_png_with_transparency_bytes_gives_no_raw_pil_warning():
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8), "red").convert("P").save(png, "PNG", transparency=b"\x00" * 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        decode_images([png.getvalue()], ["p.png"], 8)
+    assert [w.message for w in caught if w.category is not data.DataNote] == []
 
 
 def test_a_link_loop_is_followed_once_and_links_inside_a_tar_are_the_images_they_name(tmp_path):
