@@ -307,20 +307,20 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
             fold_oof.append(read_npy(d / "oof_logits.npy", hint))
             if y_test is not None:
                 fold_test.append(read_npy(d / "test_logits.npy", hint))
-        s, c = fold_oof[0].shape[0], fold_oof[0].shape[-1]
+        first = fold_oof[0].shape
+        if len(first) != 3:
+            _check_shape(job_dir(run_dir, alias, 0) / "oof_logits.npy", first, "3 dimensions", "rows of fold 0", run_dir)
+        s, c = first[0], first[-1]
         full = np.empty((s, len(y), c), dtype=np.float32)
         for fold, part in enumerate(fold_oof):
             rows = np.flatnonzero(folds == fold)
-            if part.shape != (s, len(rows), c):
-                raise RunError(
-                    f"{job_dir(run_dir, alias, fold) / 'oof_logits.npy'}: shape {part.shape}, expected "
-                    f"{(s, len(rows), c)} (snapshots, rows of fold {fold}, classes); delete that job folder "
-                    f"and run `{fit_command(run_dir)}`"
-                )
+            _check_shape(job_dir(run_dir, alias, fold) / "oof_logits.npy", part.shape, (s, len(rows), c),
+                         f"rows of fold {fold}", run_dir)
             full[:, rows] = part
+        for fold, part in enumerate(fold_test):
+            _check_shape(job_dir(run_dir, alias, fold) / "test_logits.npy", part.shape, (s, len(y_test), c),
+                         "test images", run_dir)
         bagged = np.mean(fold_test, axis=0) if fold_test else None
-        if bagged is not None and bagged.shape != (s, len(y_test), c):
-            raise RunError(f"{alias}: test logits have shape {bagged.shape}, expected {(s, len(y_test), c)}")
         names += [f"{alias}@s{i + 1}" for i in range(s)] if s > 1 else [alias]
         oof += list(full)
         test += [] if bagged is None else list(bagged)
@@ -332,6 +332,12 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
         y_test=y_test,
         folds=folds,
     )
+
+
+def _check_shape(path: Path, shape: tuple, expected: tuple | str, rows: str, run_dir: Path) -> None:
+    if shape != expected:
+        raise RunError(f"{path}: shape {shape}, expected {expected} (snapshots, {rows}, classes); delete that "
+                       f"job folder and run `{fit_command(run_dir)}`")
 
 
 def base_alias(name: str) -> str:

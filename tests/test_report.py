@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ensemble import report
+from ensemble import report, store
 from ensemble.metrics import softmax
 from ensemble.report import ReportError, load_run, main, write_report
 
@@ -337,6 +337,8 @@ def _edit_metrics(run: Path, edit) -> None:
 @pytest.mark.parametrize("damage, message", [
     (lambda run: np.save(run / "members/convnext_nano/fold0/oof_logits.npy", np.zeros((1, 5, 4))),
      r"fold0/oof_logits.npy: shape \(1, 5, 4\), expected \(1, \d+, 4\)"),
+    (lambda run: np.save(run / "members/convnext_nano/fold0/oof_logits.npy", np.float32(1)),
+     r"fold0/oof_logits.npy: shape \(\), expected 3 dimensions"),
     (lambda run: (run / "metrics.json").write_text("{}"), "no 'member_names' key"),
     (lambda run: (run / "metrics.json").write_text("{not json"), "not valid JSON"),
     (lambda run: np.save(run / "folds.npy", np.zeros(3, dtype=np.int64)),
@@ -355,6 +357,14 @@ def test_inconsistent_run_is_explained(tmp_path, damage, message):
     damage(run)
     with pytest.raises(ReportError, match=message):
         load_run(run)
+
+
+def test_test_logits_of_another_shape_are_explained_not_a_numpy_error(tmp_path):
+    run = make_run(tmp_path)
+    np.save(run / "members/convnext_nano/fold1/test_logits.npy", np.zeros((1, 2, 4), dtype=np.float32))
+    with pytest.raises(store.RunError, match=r"fold1/test_logits.npy: shape \(1, 2, 4\), expected \(1, \d+, 4\) "
+                                             r"\(snapshots, test images, classes\); delete that job folder"):
+        store.load_logits(run, ["convnext_nano"])
 
 
 def test_main_refuses_a_file_as_out(tmp_path, capsys):
