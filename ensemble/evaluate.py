@@ -187,13 +187,15 @@ def to_csv(result: dict) -> str:
 def table(result: dict) -> str:
     """The end-of-fit table: OOF (nested for combiners) and test accuracy, macro F1, NLL."""
     has_test = any("test" in s for s in result["members"].values())
-    head = f"{'':9} {'name':28} {'oof acc':>8} {'oof f1':>7} {'oof nll':>8}"
+    # names are never cut: two aliases of up to 100 characters may share their first 28
+    w = max([28] + [len(n) for kind in ("members", "combiners") for n in result[kind]])
+    head = f"{'':9} {'name':{w}} {'oof acc':>8} {'oof f1':>7} {'oof nll':>8}"
     head += f" {'test acc':>8} {'test f1':>7} {'test nll':>8}" if has_test else ""
     lines = [head, "-" * len(head)]
     for kind in ("members", "combiners"):
         # best first, as the best combiner is picked: OOF accuracy, then OOF NLL
         for name, s in sorted(result[kind].items(), key=lambda kv: (-kv[1]["oof"]["accuracy"], kv[1]["oof"]["nll"])):
-            line = f"{kind.rstrip('s'):9} {name[:28]:28} {s['oof']['accuracy']:8.4f} {s['oof']['f1']:7.4f} "
+            line = f"{kind.rstrip('s'):9} {name:{w}} {s['oof']['accuracy']:8.4f} {s['oof']['f1']:7.4f} "
             line += f"{s['oof']['nll']:8.4f}"
             if "test" in s:
                 line += f" {s['test']['accuracy']:8.4f} {s['test']['f1']:7.4f} {s['test']['nll']:8.4f}"

@@ -535,7 +535,9 @@ def write_csv(path: Path, paths: list[str], proba: np.ndarray, classes, labels: 
     pred = proba.argmax(axis=1)
     for i, p in enumerate(paths):
         p = p.encode("utf-8", "backslashreplace").decode("utf-8")  # a file name that is not UTF-8, escaped
-        row = [p, classes[pred[i]], *(f"{v:.6f}" for v in proba[i])]
+        # 9 decimals: vote's tie-break (1e-6 to the winner) must survive, or a 2-2 vote reads 0.500000 twice
+        # and the argmax of the prob columns disagrees with `pred`
+        row = [p, classes[pred[i]], *(f"{v:.9f}" for v in proba[i])]
         if labels is not None:
             row.append(classes[labels[i]] if labels[i] >= 0 else "")
         w.writerow(row)
@@ -711,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # the CSV is written atomically: nothing half-written is left
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

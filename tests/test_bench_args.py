@@ -129,18 +129,18 @@ def test_train_targets_say_which_settings_they_are_for(capsys):
 # --------------------------------------------------------------------------- train: the archive
 
 
-def png(size: int, seed: int) -> bytes:
-    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3), dtype=np.uint8)
+def png(size: int, seed: int, channels: int = 3) -> bytes:
+    pixels = np.random.default_rng(seed).integers(0, 256, (size, size, channels), dtype=np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
+    Image.fromarray(pixels.squeeze(-1) if channels == 1 else pixels).save(buf, format="PNG")
     return buf.getvalue()
 
 
-def archive(path, classes: int, per_class: int, size: int = 32):
+def archive(path, classes: int, per_class: int, size: int = 32, channels: int = 3):
     with tarfile.open(path, "w:gz") as tf:
         for c in range(classes):
             for i in range(per_class):
-                blob = png(size, 100 * c + i)
+                blob = png(size, 100 * c + i, channels)
                 info = tarfile.TarInfo(f"train/class{c}/{i}.png")
                 info.size = len(blob)
                 tf.addfile(info, io.BytesIO(blob))
@@ -179,6 +179,13 @@ def test_train_takes_the_images_it_needs_from_two_classes(tmp_path, capsys):
     assert "16 images from two.tar.gz" in out and "b/a = " in out
 
 
+def test_train_on_a_grayscale_archive_trains_the_same_3_channel_model_in_every_loop(tmp_path, capsys):
+    code, out, err = run(["train", *TINY, "--archive", str(archive(tmp_path / "gray.tar.gz", 2, 8, channels=1))],
+                         capsys)
+    assert code == 0, err
+    assert "b/a = " in out
+
+
 def test_train_ctrl_c_is_one_line(tmp_path, capsys, monkeypatch):
     def interrupted(*_):
         raise KeyboardInterrupt
@@ -203,6 +210,16 @@ def test_predict_runs_tiny_and_says_fold_once(capsys):
     assert code == 0, err
     assert "predict, 1 fold (fold mean)" in out and "1 folds" not in out
     assert "load average" in out and "each timing >= 0.2 s" in out
+
+
+def test_predict_ctrl_c_is_one_line(capsys, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(bench_predict, "timed", interrupted)
+    code, _, err = run(["predict", "--backbone", "timm:test_resnet", "--image-size", "8", "--images", "4",
+                        "--folds", "1", "--repeats", "1"], capsys)
+    assert code == 130 and err.strip() == "interrupted"
 
 
 def test_predict_faster_than_one_pass_is_a_warning(capsys, monkeypatch):

@@ -214,6 +214,23 @@ def test_a_grayscale_run_made_rgb_by_its_colour_test_images_scores_its_grayscale
     assert "on 15 unseen images the best combiner" in captured.out
 
 
+def test_a_run_whose_members_are_snapshots_scores_them_under_fits_names(finished, tmp_path, capsys):
+    """With ensemble.members = "snapshots", fit's members are `alias@s1` .. `alias@sS`, not the alias."""
+    recipe = (RECIPE.format(tree=finished["tree"])
+              .replace("epochs = 2", "epochs = 2\nsnapshots = 2")
+              .replace('[[backbones]]\nname = "timm:test_efficientnet"\n', "")
+              .replace('combiners = ["mean", "weighted"]', 'combiners = ["mean"]\nmembers = "snapshots"'))
+    (tmp_path / "snap.toml").write_text(recipe)
+    rc = fit.main([str(tmp_path / "snap.toml"), "--out", str(tmp_path / "run"), "--quiet", "--no-report",
+                   "--cache", str(finished["cache"])])
+    assert rc == 0 and set(read_json(tmp_path / "run" / "metrics.json")["members"]) == {
+        "test_resnet@s1", "test_resnet@s2"}
+    rc = unseen.main([str(tmp_path / "run"), "--images-per-class", "5", "--cache", str(finished["cache"])])
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert " test_resnet@s1 " in captured.out and " test_resnet@s2 " in captured.out
+
+
 def test_a_note_names_the_classes_short_of_unseen_images(finished, tmp_path, capsys):
     tree = Path(shutil.copytree(finished["tree"], tmp_path / "tree"))
     for i in range(PER_CLASS, PER_CLASS + EXTRA):  # class 2 keeps only the run's own 20 images

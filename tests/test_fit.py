@@ -733,6 +733,16 @@ def test_the_end_of_fit_table_breaks_accuracy_ties_by_nll_as_the_best_is_picked(
     assert names == ["a", "vote", "weighted", "mean"]
 
 
+def test_the_end_of_fit_table_never_cuts_long_names_into_one():
+    from ensemble.evaluate import table
+
+    scores = {"oof": {"accuracy": 0.9, "f1": 0.9, "nll": 0.5}}
+    long = ["resnet_small_sgd_lr005_crop_v1", "resnet_small_sgd_lr005_crop_v2"]
+    lines = table({"members": {n: scores for n in long}, "combiners": {"mean": scores}}).splitlines()
+    assert [line.split()[1] for line in lines[2:4]] == long
+    assert len({len(line) for line in lines}) == 1  # the columns still line up
+
+
 def test_the_knn_check_before_training_uses_as_few_rows_as_a_nested_fit():
     """16 rows in the smallest nested fit and 10 classes: n_neighbors = 18 is refused before training,
     not in the nested fit after it."""

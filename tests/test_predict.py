@@ -154,6 +154,29 @@ def test_csv_layout(base, tmp_path, capsys):
     assert len(rows) == len(list(base["test"].rglob("*.png")))
 
 
+def test_csv_probabilities_keep_a_tied_votes_tie_break(tmp_path):
+    """A 2-2 vote gives the winner 1e-6 more; the prob columns must still pick the `pred` class."""
+    from ensemble.combiners import make_combiner
+
+    logits = np.zeros((4, 1, 3))
+    logits[[0, 1], 0, 0] = 5.0
+    logits[[2, 3], 0, 2] = [5.0, 6.0]  # class 2 has the larger summed probability: it wins the tie
+    proba = make_combiner("vote").fit(logits, np.array([0])).predict_proba(logits)
+    predict.write_csv(tmp_path / "p.csv", ["x.png"], proba, ["a", "b", "c"], None)
+    (row,) = read_csv(tmp_path / "p.csv")
+    columns = [float(row[f"prob_{c}"]) for c in "abc"]
+    assert row["pred"] == "c" and "abc"[int(np.argmax(columns))] == "c" and columns[2] > columns[0]
+
+
+def test_ctrl_c_is_one_line_and_leaves_no_csv(base, tmp_path, capsys, monkeypatch):
+    def interrupted(*_, **__):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict, "member_logits", interrupted)
+    rc, _, err = call([base["run"], base["test"], "--out", tmp_path / "p.csv", "--quiet"], capsys)
+    assert rc == 130 and err.strip() == "interrupted" and not (tmp_path / "p.csv").exists()
+
+
 def test_tar_of_imagefolder_and_unlabelled_inputs(base, tmp_path, capsys, good_image):
     archive = tmp_path / "test.tar.gz"
     with tarfile.open(archive, "w:gz") as tf:

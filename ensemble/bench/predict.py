@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -102,7 +103,14 @@ def decode_rate(x: torch.Tensor, info: DataInfo, repeats: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    try:
+        return bench(parse_args(argv))
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+
+
+def bench(args: argparse.Namespace) -> int:
     device = args.device
     gen = torch.Generator().manual_seed(args.seed)
     x = torch.randint(0, 256, (args.images, args.channels, args.image_size, args.image_size),

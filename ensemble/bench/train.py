@@ -125,13 +125,17 @@ def extract_subset(archive: Path, n: int, out: Path) -> int:
 
 
 def load_toolkit_images(folder: Path, cache: Path):
-    """The toolkit's own ``folder`` loader on ``folder``: (uint8 (N, 3, 32, 32), int64 (N,), mean, std)."""
+    """The toolkit's own ``folder`` loader on ``folder``: (uint8 (N, 3, 32, 32), int64 (N,), mean, std); grayscale
+    images are repeated to 3 channels so that (a), (b) and (c) train the same 3-channel model."""
     from ensemble.data import load_dataset
     from ensemble.recipe import DataConfig
 
     ds = load_dataset(DataConfig(source="folder", path=str(folder), image_size=IMAGE_SIZE), cache, seed=0,
                       progress=False)
-    return ds.train.x, ds.train.y, ds.mean, ds.std
+    x, mean, std = ds.train.x, ds.mean, ds.std
+    if x.shape[1] == 1:  # all-gray images: RGB, as (a)'s batches and torchvision's ImageFolder loader in (c) are
+        x, mean, std = x.expand(-1, 3, -1, -1).contiguous(), mean * 3, std * 3
+    return x, ds.train.y, mean, std
 
 
 # --------------------------------------------------------------------------- the three loops

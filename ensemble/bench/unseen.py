@@ -85,7 +85,8 @@ def check_finished(run: predict.Run) -> tuple[dict, dict, dict[str, predict.Memb
     if not run.combiners:
         raise RunError(f"{run.dir}: no fitted combiner; complete it with `{predict.fit_command(run.dir)}`")
     fitted = {name: predict.load_method(run, name) for name in run.combiners}
-    members = {b.alias: predict.resolve_member(run, b.alias) for b in run.recipe.backbones}
+    # the members fit scored, under metrics.json's names (`alias@s<i>` with ensemble.members = "snapshots")
+    members = {name: predict.resolve_member(run, name) for name in recorded.get("members", {})}
     members |= {m.name: m for _, _, ms in fitted.values() for m in ms}
     for m in members.values():
         for k in range(run.recipe.cv.folds):
@@ -136,7 +137,7 @@ def evaluate(run: predict.Run, images: data.Images, device: torch.device, checke
     """Metrics on ``images`` of every member (final model) and every fitted combiner.
 
     ``checked``: :func:`check_finished`'s result, when already taken."""
-    _, fitted, members = checked or check_finished(run)
+    recorded, fitted, members = checked or check_finished(run)
     by_weights = {}  # `alias` and `alias@sS` (the final snapshot) are the same models: predicted once
     todo = list(dict.fromkeys((m.backbone.alias, m.weights) for m in members.values()))
     for m in members.values():
@@ -151,9 +152,9 @@ def evaluate(run: predict.Run, images: data.Images, device: torch.device, checke
     logits = {name: by_weights[(m.backbone.alias, m.weights)] for name, m in members.items()}
     y, n_classes = images.y.numpy(), len(run.data.classes)
     out = {"members": {}, "combiners": {}, "right": {"members": {}, "combiners": {}}}
-    for b in run.recipe.backbones:
-        out["members"][b.alias] = metrics.score(metrics.softmax(logits[b.alias]), y, n_classes)
-        out["right"]["members"][b.alias] = logits[b.alias].argmax(1) == y
+    for name in recorded.get("members", {}):  # the rows of fit's table, as metrics.json names them
+        out["members"][name] = metrics.score(metrics.softmax(logits[name]), y, n_classes)
+        out["right"]["members"][name] = logits[name].argmax(1) == y
     for name, (_, combiner, members) in fitted.items():
         proba = combiner.predict_proba(np.stack([logits[m.name] for m in members]))
         out["combiners"][name] = metrics.score(proba, y, n_classes)
