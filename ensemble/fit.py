@@ -288,8 +288,6 @@ def predict_new_test(dataset, folds: np.ndarray, run_dir: Path, new_test: list) 
 
 def run(args: argparse.Namespace) -> Path:
     """Everything ``fit`` does; user errors raise :class:`RecipeError`."""
-    from .data import DataError, NoImagesError, load_dataset, notes_printed
-
     recipe = recipe_mod.load(args.recipe, args.set)
     try:
         recipe_mod.check_paths(recipe)  # before the paths are made absolute: its message names the folder
@@ -300,7 +298,45 @@ def run(args: argparse.Namespace) -> Path:
     recipe_mod.check_names(recipe)
     build_combiners(recipe)  # a bad [ensemble] section fails now, not after training
     run_dir = args.out or Path("outputs") / recipe.name
-    previous = check_out(run_dir, recipe)
+    check_out(run_dir, recipe)  # refused before the folder is made
+    with run_lock(run_dir):
+        return _run_locked(args, recipe, run_dir, check_out(run_dir, recipe), missing)  # read again, locked
+
+
+@contextlib.contextmanager
+def run_lock(run_dir: Path):
+    """Hold an exclusive lock on the run folder while fit runs (released when fit ends or dies): a
+    second fit on the same --out would train the same jobs again and mix two recipes' files.
+    Where there is no ``fcntl`` (Windows), nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    made = not run_dir.exists()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = run_dir / ".fit.lock"
+    handle = open(lock, "a")  # noqa: SIM115 - held for the block
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise RecipeError(f"--out {run_dir}: another fit is running on this folder; wait for it to end, "
+                          "or give another --out") from None
+    try:
+        yield
+    finally:
+        if made and [p.name for p in run_dir.iterdir()] == [lock.name]:  # refused before writing anything
+            with contextlib.suppress(OSError):
+                lock.unlink()
+                run_dir.rmdir()
+        handle.close()
+
+
+def _run_locked(args: argparse.Namespace, recipe: Recipe, run_dir: Path, previous: str | None,
+                missing: RecipeError | None) -> Path:
+    from .data import DataError, NoImagesError, load_dataset, notes_printed
+
     t0 = time.perf_counter()
     if missing is not None:
         if refit_combiners_only(recipe, run_dir, previous, args, t0, str(missing).split(": ", 1)[-1]):
@@ -442,7 +478,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a folder that takes no files, a full disk
-        print(f"error: {exc.filename or ''}: {exc.strerror or exc}; finished jobs are kept", file=sys.stderr)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {where}{exc.strerror or exc}; finished jobs are kept", file=sys.stderr)
         return 2
     except jobs_mod.ClusterError as exc:
         print(f"error: {' '.join(str(exc).split())}; finished jobs are kept", file=sys.stderr)

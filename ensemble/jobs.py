@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import os
 import platform
+import re
 import signal
 import socket
 import sys
@@ -342,12 +343,25 @@ def run_all(
         raise ValueError(f"backend must be 'loky', 'dask' or 'ray', got {backend!r}")
     if not 0 < gpus_per_job <= 1:
         raise ValueError(f"gpus_per_job must be in (0, 1] (a job trains on one GPU), got {gpus_per_job}")
-    if backend == "loky":
-        yield from _run_local(jobs, data, run_dir, n_jobs or 1, progress)
-    elif backend == "dask":
-        yield from _run_dask(jobs, data, run_dir, gpus_per_job)
-    else:
-        yield from _run_ray(jobs, data, run_dir, n_jobs, gpus_per_job)
+    try:
+        if backend == "loky":
+            yield from _run_local(jobs, data, run_dir, n_jobs or 1, progress)
+        elif backend == "dask":
+            yield from _run_dask(jobs, data, run_dir, gpus_per_job)
+        else:
+            yield from _run_ray(jobs, data, run_dir, n_jobs, gpus_per_job)
+    except Exception as exc:
+        if type(exc).__name__ not in _LOST_WORKER:  # a job's own error (Ray's wraps keep the job's type)
+            raise
+        codes = re.search(r"exit codes of the workers are (\{.*?\})", str(exc))  # loky names the signal
+        raise JobError(f"a worker process died while training ({type(exc).__name__}"
+                       f"{', exit ' + codes.group(1) if codes else ''}): out of memory (lower --jobs or the batch "
+                       "size), killed, or its machine was lost") from None
+
+
+# what joblib's loky, Dask and Ray backends raise when the process running a job dies (OOM killer, preemption)
+_LOST_WORKER = ("TerminatedWorkerError", "KilledWorker", "FutureCancelledError", "ActorDiedError",
+                "RayActorError", "WorkerCrashedError", "NodeDiedError", "ActorUnavailableError")
 
 
 def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, progress: bool) -> Iterator[dict]:
@@ -498,6 +512,9 @@ def ray_pool_size(cpus: float, node_gpus: list[float], n_jobs: int | None, gpus_
     return capacity if n_jobs in (None, 1, -1) else max(1, min(n_jobs, capacity))
 
 
+DASK_WORKER_WAIT_S = 60  # how long fit waits for a first Dask worker to join the scheduler
+
+
 class ClusterError(RuntimeError):
     """The Dask scheduler or Ray cluster named on the command line cannot be reached."""
 
@@ -552,6 +569,12 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
             raise ClusterError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from None
         with client:
             print(f"dask: {client.dashboard_link}", file=sys.stderr)
+            try:  # the data is scattered to the workers: with none yet, that fails as "No valid workers found"
+                client.wait_for_workers(1, timeout=DASK_WORKER_WAIT_S)
+            except (TimeoutError, OSError):
+                raise ClusterError(f"the Dask scheduler {scheduler or '(local)'} has no workers after "
+                                   f"{DASK_WORKER_WAIT_S} s; start some: dask worker {scheduler or 'ADDRESS'} "
+                                   "--nthreads 1") from None
             yield
     elif backend == "ray":
         _check_ray_address(address)

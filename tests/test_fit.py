@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -719,6 +720,26 @@ def test_a_signal_ignored_by_nohup_stays_ignored(monkeypatch):
         assert signal.getsignal(signal.SIGTERM) is not fit._raise_terminated
     finally:
         signal.signal(signal.SIGHUP, previous)
+
+
+def test_a_second_fit_on_a_folder_a_fit_is_running_on_is_refused(tiny_recipe, tmp_path, session_cache, capsys):
+    run = tmp_path / "run"
+    with fit.run_lock(run):  # as a fit in another process holds it
+        assert fit.main(fit_args(tiny_recipe, run, session_cache)) == 2
+        assert capsys.readouterr().err == (f"error: --out {run}: another fit is running on this folder; wait for it "
+                                           "to end, or give another --out\n")
+        assert [p.name for p in run.iterdir()] == [".fit.lock"]  # the second fit wrote nothing
+    assert not run.exists()  # the holder made the folder and wrote nothing: it is removed again
+    assert fit.main(fit_args(tiny_recipe, run, session_cache, "--set", "train.epochs=1")) == 0  # free again
+
+
+def test_a_full_disk_names_the_file_it_could_not_write(tmp_path):
+    def full(f):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError) as info:
+        store.atomic_write(tmp_path / "a.npy", full)
+    assert info.value.filename == str(tmp_path / "a.npy") and list(tmp_path.iterdir()) == []
 
 
 def test_the_end_of_fit_table_breaks_accuracy_ties_by_nll_as_the_best_is_picked():

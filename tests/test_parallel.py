@@ -185,6 +185,35 @@ def test_unreachable_dask_scheduler_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # connected before the run folder is written
 
 
+def test_a_dask_scheduler_without_workers_is_one_line(tmp_path, capsys, monkeypatch):
+    distributed = pytest.importorskip("distributed")
+    monkeypatch.setattr(jobs, "DASK_WORKER_WAIT_S", 1)
+    recipe = tmp_path / "tiny_parallel.toml"
+    recipe.write_text(TINY_RECIPE)
+    with distributed.LocalCluster(n_workers=0, dashboard_address=None, silence_logs=logging.ERROR) as cluster:
+        code = fit.main([str(recipe), "--out", str(tmp_path / "run"), "--cache", str(tmp_path / "cache"), "--quiet",
+                         "--backend", "dask", "--scheduler", cluster.scheduler_address])
+    err = capsys.readouterr().err
+    *_, last = err.splitlines()  # after the dashboard's address
+    assert code == 2 and last.startswith("error: the Dask scheduler tcp://"), err
+    assert "has no workers after 1 s; start some: dask worker tcp://" in last and "Traceback" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_worker_process_that_dies_is_one_line_not_the_engines_traceback(monkeypatch):
+    from joblib.externals.loky.process_executor import TerminatedWorkerError
+
+    def killed(*_):
+        yield from ()
+        raise TerminatedWorkerError("A worker process managed by the executor was unexpectedly terminated. "
+                                    "The exit codes of the workers are {SIGKILL(-9)}")
+
+    monkeypatch.setattr(jobs, "_run_local", killed)
+    with pytest.raises(jobs.JobError, match=r"a worker process died while training \(TerminatedWorkerError, exit "
+                                            r"\{SIGKILL\(-9\)\}\): out of memory"):
+        list(jobs.run_all(["a job"], None, Path("."), n_jobs=2))
+
+
 def test_unreachable_ray_head_is_one_line_not_endless_retries(tmp_path, capsys):
     recipe = tmp_path / "tiny_parallel.toml"
     recipe.write_text(TINY_RECIPE)
