@@ -225,6 +225,7 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
             progress=progress,
             desc=f"{job.alias} fold{job.fold}",
         )
+    del model  # moved to the GPU in place: its weights and last gradients would outlive empty_cache
     if dev.type == "cuda":
         torch.cuda.empty_cache()  # a worker process trains many jobs, maybe on other GPUs
     seconds = time.perf_counter() - t0
@@ -439,13 +440,18 @@ def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: fl
 
     client = get_client()
     resources = dask_resources(dask_worker_gpus(client), gpus_per_job)
+    # a local cluster (fit started it): its workers share this machine's GPUs, so each job holds a
+    # GPU slot as with loky; on a remote cluster CUDA_VISIBLE_DEVICES per worker does it
+    n_gpus = torch.cuda.device_count() if getattr(client, "cluster", None) is not None else 0
+    slots = n_gpus if n_gpus > 1 else 0
     if sum(client.ncores().values()) == 1:
         shared = client.scatter(data, broadcast=True)
         for job in jobs:
-            future = client.submit(run_job, job, shared, run_dir, 0, False, resources=resources or None, pure=False)
+            future = client.submit(run_job, job, shared, run_dir, 0, False, slots, resources=resources or None,
+                                   pure=False)
             yield future.result()
         return
-    calls = (delayed(run_job)(job, data, run_dir, 0, False) for job in jobs)
+    calls = (delayed(run_job)(job, data, run_dir, 0, False, slots) for job in jobs)
     settings = {"resources": resources} if resources else {}
     with parallel_config(backend="dask", scatter=[data], **settings):
         results = Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered")(calls)
@@ -563,8 +569,10 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
             if scheduler:
                 client = Client(scheduler)
             else:
+                n_gpus = torch.cuda.device_count()  # with GPUs: one worker (one job) per GPU, not one per core
+                gpus = {"n_workers": n_gpus, "resources": {"GPU": 1}} if n_gpus else {}
                 with _sigint_ignored():  # the local workers inherit it: Ctrl-C stops fit, and fit stops them
-                    client = Client(processes=True, threads_per_worker=1)  # one job per process
+                    client = Client(processes=True, threads_per_worker=1, **gpus)  # one job per process
         except OSError as exc:  # unreachable address, timeout
             raise ClusterError(f"cannot connect to the Dask scheduler {scheduler}: {exc}") from None
         with client:

@@ -266,7 +266,8 @@ def load_members(run: Run, members: list[Member], device: torch.device) -> list[
     out = []
     for m in members:
         channels_last = use_channels_last(m.backbone.train, device)
-        models = [_load_fold_model(run, m, k, device, channels_last) for k in range(run.recipe.cv.folds)]
+        # on the CPU: member_logits moves one member's fold models to a GPU at a time
+        models = [_load_fold_model(run, m, k, torch.device("cpu"), channels_last) for k in range(run.recipe.cv.folds)]
         out.append(MemberModels(m, models, channels_last))
     return out
 
@@ -342,18 +343,24 @@ def member_logits(members: list[MemberModels], images: torch.Tensor, mean, std, 
     """Member logits float32 (n_members, N, C): each the mean over its fold models' logits.
 
     ``images`` uint8 (N, C_img, S, S). The progress bar counts images done by every model.
+    On a GPU only one member's k fold models are on it at a time (the others wait on the CPU):
+    an ensemble's weights together may not fit on the card.
     """
     out: np.ndarray | None = None
-    with progress_bar(progress=progress, total=len(images), desc="predicting", unit="img") as bar:
-        for start in range(0, len(images), batch_size):
-            xb = images[start : start + batch_size].to(device)
-            for i, mm in enumerate(members):
-                folds = [infer(model, xb, mean, std, device, batch_size, mm.channels_last, tta) for model in mm.models]
+    with progress_bar(progress=progress, total=len(images) * len(members), desc="predicting", unit="img") as bar:
+        for i, mm in enumerate(members):
+            models = [m.to(device) for m in mm.models]
+            for start in range(0, len(images), batch_size):
+                xb = images[start : start + batch_size].to(device)
+                folds = [infer(model, xb, mean, std, device, batch_size, mm.channels_last, tta) for model in models]
                 mean_logits = torch.stack(folds).mean(0).numpy()
                 if out is None:
                     out = np.empty((len(members), len(images), mean_logits.shape[1]), dtype=np.float32)
                 out[i, start : start + len(xb)] = mean_logits
-            bar.update(len(xb))
+                bar.update(len(xb))
+            if device.type == "cuda" and len(members) > 1:
+                for m in mm.models:
+                    m.to("cpu")
     return out if out is not None else np.zeros((len(members), 0, 0), dtype=np.float32)
 
 

@@ -185,6 +185,16 @@ def test_unreachable_dask_scheduler_is_one_line(tmp_path, capsys):
     assert not (tmp_path / "run").exists()  # connected before the run folder is written
 
 
+def test_a_local_dask_cluster_on_a_gpu_machine_has_one_worker_per_gpu(monkeypatch):
+    """Not one per core, all of whose jobs would pile onto GPU 0: each worker declares one GPU."""
+    pytest.importorskip("distributed")
+    from dask.distributed import get_client
+
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with jobs.cluster("dask"):
+        assert jobs.dask_worker_gpus(get_client()) == [1.0, 1.0]
+
+
 def test_a_dask_scheduler_without_workers_is_one_line(tmp_path, capsys, monkeypatch):
     distributed = pytest.importorskip("distributed")
     monkeypatch.setattr(jobs, "DASK_WORKER_WAIT_S", 1)
