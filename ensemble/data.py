@@ -45,7 +45,9 @@ SOURCES = ("digits", "cifar10", "cifar100", "mnist", "fashion_mnist", "svhn", "f
 # torchvision ImageFolder's extensions, and .gif
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 ARCHIVE_EXTENSIONS = (".tar", ".tar.gz", ".tgz")
-_CACHE_VERSION = 4  # bump when the decoded arrays of a source would change (3: links in tars, 16-bit gray; 4: tar duplicates, 16-bit PGM)
+# bump when the decoded arrays of a source would change (3: links in tars, 16-bit gray; 4: a path stored twice
+# in a tar, 16-bit PGMs)
+_CACHE_VERSION = 4
 _CHUNK = 2048  # images decoded (and resized) per batch
 _GRAY_MODES = ("1", "L", "LA", "La", "F")  # "I" modes: _wide_gray_to_uint8
 _PIL_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)

@@ -311,7 +311,8 @@ def load_logits(run_dir: Path, aliases: list[str], with_test: bool = True) -> Lo
                 fold_test.append(read_npy(d / "test_logits.npy", hint))
         first = fold_oof[0].shape
         if len(first) != 3:
-            _check_shape(job_dir(run_dir, alias, 0) / "oof_logits.npy", first, "3 dimensions", "rows of fold 0", run_dir)
+            _check_shape(job_dir(run_dir, alias, 0) / "oof_logits.npy", first, "3 dimensions", "rows of fold 0",
+                         run_dir)
         s, c = first[0], first[-1]
         full = np.empty((s, len(y), c), dtype=np.float32)
         for fold, part in enumerate(fold_oof):
