@@ -33,7 +33,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.neighbors import KNeighborsClassifier
 from threadpoolctl import threadpool_limits
 
-from ensemble.metrics import EPS, fit_temperature, log_softmax, softmax
+from ensemble.metrics import EPS, TEMPERATURE_RANGE, fit_temperature, log_softmax, softmax
 
 TS_SUFFIX = "+ts"
 COMBINERS: dict[str, type["Combiner"]] = {}
@@ -253,12 +253,14 @@ class Combiner:
         logits = check_logits(logits)
         y = check_labels(y, logits.shape)
         self._validate_params()
+        params = self._json_params()  # what this fit used: get_state saves these, whatever the caller changes later
         self.n_members_, _, self.n_classes_ = (int(s) for s in logits.shape)
         try:
             self._fit(logits, y)
         except BaseException:  # a failed fit leaves the combiner unfitted, not half-fitted
             del self.n_members_, self.n_classes_
             raise
+        self._fitted_params = params
         return self
 
     def predict_proba(self, logits: np.ndarray) -> np.ndarray:
@@ -282,7 +284,8 @@ class Combiner:
         self._check_fitted()
         extra, arrays = self._get_state()
         state = {"n_members_": self.n_members_, "n_classes_": self.n_classes_, **extra}
-        return {"params": self._json_params(), "state": state}, arrays
+        params = getattr(self, "_fitted_params", None)
+        return {"params": self._json_params() if params is None else params, "state": state}, arrays
 
     @classmethod
     def from_state(cls, state: dict, arrays: dict[str, np.ndarray]) -> "Combiner":
@@ -586,7 +589,7 @@ class Stacking(Combiner):
                 raise ValueError(f"stacking: meta_params {key} = {value} cannot be saved (a saved combiner "
                                  f"holds finite numbers only); give a large finite value instead")
         state = meta.get_params().get("random_state", 0)
-        if self.meta_learner != "logistic" and not isinstance(state, int):
+        if self.meta_learner != "logistic" and not _is_int(state):
             raise ValueError(f"stacking: meta_params random_state must be an integer, got {state!r}: a saved "
                              f"{self.meta_learner} is refitted when loaded and must give the same probabilities")
 
@@ -609,7 +612,7 @@ class Stacking(Combiner):
             self.meta_ = meta.fit(x - self.feature_mean_, y)
         self.classes_ = np.asarray(self.meta_.classes_, dtype=np.int64)
         if self.meta_learner != "logistic":
-            self._train_x, self._train_y = x, y
+            self._train_x, self._train_y = x, y.copy()  # y may be the caller's array (check_labels copies no int64)
 
     def _predict_proba(self, logits: np.ndarray) -> np.ndarray:
         x = stacking_features(logits) - self.feature_mean_
@@ -742,8 +745,10 @@ class TemperatureScaled(Combiner):
             {"params": base_params, "state": fitted.get("base", {})}, base_arrays
         )
         temperature = fitted.get("temperature_")
-        if not isinstance(temperature, (int, float)) or not temperature > 0:
-            raise ValueError(f"state['temperature_'] must be a number > 0; got {temperature!r}")
+        low, high = TEMPERATURE_RANGE  # fit_temperature's: outside it (inf, 1e-320) predictions are junk
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not low * 0.999 <= temperature <= high * 1.001:
+            raise ValueError(f"state['temperature_'] must be a number in [{low:g}, {high:g}]; got {temperature!r:.40}")
         obj = cls(base_fitted.clone(), inner_folds=params.get("inner_folds", 5))
         obj._validate_params()
         obj.base_, obj.temperature_ = base_fitted, float(temperature)

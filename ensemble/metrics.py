@@ -22,7 +22,8 @@ EPS = 1e-12
 ECE_BINS = 15
 
 # log T is searched in [log 0.01, log 100]: far wider than any useful temperature.
-_LOG_T_BOUNDS = (float(np.log(1e-2)), float(np.log(1e2)))
+TEMPERATURE_RANGE = (1e-2, 1e2)  # what fit_temperature searches
+_LOG_T_BOUNDS = (float(np.log(TEMPERATURE_RANGE[0])), float(np.log(TEMPERATURE_RANGE[1])))
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:

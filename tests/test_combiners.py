@@ -464,11 +464,33 @@ def test_load_errors_in_nested_state(name, edit, fragment, tmp_path):
         load_combiner(tmp_path, "c")
 
 
-def test_bad_temperature_in_state(tmp_path):
+@pytest.mark.parametrize("temperature", [-1.0, 0.0, 1e-320, 1e999, True, 10**400, "1.0"],
+                         ids=["negative", "zero", "subnormal", "inf", "bool", "huge-int", "text"])
+def test_bad_temperature_in_state(tmp_path, temperature):
+    """Outside fit_temperature's range a temperature gives NaN or uniform probabilities (10**400 overflowed)."""
     _saved(tmp_path, "mean+ts")
-    _edit_json(tmp_path, lambda j: j["state"].update({"temperature_": -1.0}))
-    with pytest.raises(CombinerStateError, match="temperature_"):
+    _edit_json(tmp_path, lambda j: j["state"].update({"temperature_": temperature}))
+    with pytest.raises(CombinerStateError, match=r"temperature_'\] must be a number in \[0.01, 100\]"):
         load_combiner(tmp_path, "c")
+
+
+def test_a_saved_combiner_is_the_fitted_one_whatever_the_caller_changes_after_the_fit(tmp_path):
+    """A refitted-on-load meta-learner keeps its own copy of the labels and the parameters it was fitted with."""
+    y, params = Y.copy(), {"n_estimators": 5, "max_depth": 3}
+    stacking = comb.make_combiner("stacking", meta_learner="random_forest", meta_params=params).fit(L, y)
+    ts = comb.make_combiner("stacking+ts", meta_learner="random_forest", meta_params=params).fit(L, y)
+    before = stacking.predict_proba(L), ts.predict_proba(L)
+    np.random.default_rng(1).shuffle(y)  # a permutation test reusing the array
+    params["max_depth"] = 1
+    for c, proba in zip((stacking, ts), before):
+        save_combiner(c, tmp_path, "c")
+        np.testing.assert_array_equal(load_combiner(tmp_path, "c").predict_proba(L), proba)
+
+
+def test_a_numpy_integer_random_state_is_an_integer():
+    c = comb.make_combiner("stacking", meta_learner="random_forest",
+                           meta_params={"random_state": np.int64(3), "n_estimators": 5})
+    assert c.fit(L, Y).predict_proba(L).shape == (20, 4)
 
 
 @pytest.mark.parametrize("name", ["../x", "a/b", ".hidden", ""])
