@@ -8,6 +8,7 @@ loaded with ``weights_only=True``).
 
 from __future__ import annotations
 
+import copy
 import difflib
 import pickle
 from collections.abc import Callable
@@ -77,10 +78,29 @@ def _torchvision(model: str, num_classes: int, in_chans: int, **kwargs) -> nn.Mo
     import torchvision
 
     net = torchvision.models.get_model(model, weights=None, num_classes=num_classes, **kwargs)
+    _refuse_swallowed_kwargs(net, kwargs)
     if in_chans != 3:
         name, conv = _first_conv(net)
         _set_module(net, name, _conv_like(conv, in_channels=in_chans))
     return net
+
+
+# what a torchvision builder takes out of **kwargs before the model class sees them
+_BUILDER_KEYS = {"MobileNetV3": {"width_mult", "reduced_tail", "dilated"}}
+
+
+def _refuse_swallowed_kwargs(net: nn.Module, kwargs: dict) -> None:
+    """TypeError for model_args that a torchvision class takes into an unused ``**kwargs``
+    (ConvNeXt, MobileNetV3): e.g. timm's ``drop_rate``, which would be silently ignored."""
+    import inspect
+
+    params = inspect.signature(type(net).__init__).parameters
+    if not any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return  # the class itself refuses unknown keywords
+    known = {n for n, p in params.items() if p.kind is not p.VAR_KEYWORD} | _BUILDER_KEYS.get(type(net).__name__, set())
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise TypeError(f"{type(net).__name__}.__init__() got an unexpected keyword argument {unknown[0]!r}")
 
 
 def _first_conv(model: nn.Module) -> tuple[str, nn.Conv2d]:
@@ -111,11 +131,24 @@ def _conv_like(conv: nn.Conv2d, **changes) -> nn.Conv2d:
 def apply_cifar_stem(model: nn.Module) -> nn.Module:
     """3x3 stride-1 first convolution and no stem max-pool: keeps 32x32 inputs from shrinking to 8x8."""
     name, conv = _first_conv(model)
-    _set_module(model, name, _conv_like(conv, kernel_size=3, stride=1, padding=1))
+    _set_module(model, name, _cifar_conv(conv))
     pool = _stem_pool(model)
     if pool is not None:
         _set_module(model, pool, nn.Identity())
     return model
+
+
+def _cifar_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """``conv`` as a 3x3 stride-1 convolution with new random weights, of its own class and settings: a
+    timm StdConv2d / ScaledStdConv2d (BiT, NFNet) keeps its weight standardisation and gain."""
+    new = copy.deepcopy(conv)
+    new.kernel_size, new.stride, new.padding = (3, 3), (1, 1), (1, 1)  # Conv2dSame pads itself the same
+    new._reversed_padding_repeated_twice = [1, 1, 1, 1]
+    new.weight = nn.Parameter(conv.weight.new_empty(conv.out_channels, conv.in_channels // conv.groups, 3, 3))
+    if isinstance(getattr(new, "scale", None), float):  # ScaledStdConv2d: gamma / sqrt(fan-in)
+        new.scale *= (conv.weight[0].numel() / new.weight[0].numel()) ** 0.5
+    new.reset_parameters()  # as nn.Conv2d(...) draws them: a plain conv gets the same weights as before
+    return new
 
 
 def _stem_pool(model: nn.Module) -> str | None:

@@ -33,9 +33,10 @@ from . import backbones, store
 from . import progress as progress_mod
 from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
 
-CACHE_VERSION = 2  # bump when the training loop changes what a cached job contains (2: crop and cutout
+CACHE_VERSION = 3  # bump when the training loop changes what a cached job contains (2: crop and cutout
 #                   scale with the image size, weight decay spares timm's no_weight_decay(), the cifar
-#                   stem removes a nested stem max-pool, warm-up steps are rounded)
+#                   stem removes a nested stem max-pool, warm-up steps are rounded; 3: no_weight_decay()
+#                   entries are patterns ('pos_embed.*'), the cifar stem keeps a standardised conv's class)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ def _shaping(b: BackboneConfig) -> dict:
     """What decides a backbone's trained weights. A pretrained file counts by its content, not
     its path: a file replaced in place retrains, one moved elsewhere does not."""
     d = dataclasses.asdict(b)
+    d.pop("own")  # how the recipe spelled it, not what trained
     d["train"] = {k: v for k, v in d["train"].items() if k not in PERFORMANCE_KEYS}
     if b.pretrained:
         d["pretrained"] = _file_digest(Path(b.pretrained))
@@ -234,7 +236,7 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
         "alias": job.alias,
         "fold": job.fold,
         "seed": job.seed,
-        "backbone": dataclasses.asdict(job.backbone),
+        "backbone": {k: v for k, v in dataclasses.asdict(job.backbone).items() if k != "own"},
         "seconds": seconds,
         "device": str(dev),
         "threads": torch.get_num_threads(),

@@ -39,7 +39,7 @@ META_LEARNERS = ("logistic", "random_forest", "extra_trees", "gradient_boosting"
 
 def is_device(name: str) -> bool:
     """Whether ``name`` is a device fit and predict take: auto, cpu, cuda or cuda:N."""
-    return re.fullmatch(r"auto|cpu|cuda(:\d+)?", name) is not None
+    return re.fullmatch(r"auto|cpu|cuda(:(0|[1-9]\d?|1[01]\d|12[0-7]))?", name) is not None  # torch: index <= 127
 
 
 NAME_RULE = "must be 1 to 100 letters, digits, '_', '-', '.', with a letter or digit among them"
@@ -115,6 +115,9 @@ class BackboneConfig:
     pretrained: str = ""  # "" or a local weights file (never a hub download)
     model_args: dict = field(default_factory=dict)  # extra constructor kwargs, e.g. { drop_rate = 0.1 }
     train: TrainConfig = TrainConfig()  # [train] with this backbone's overrides applied
+    # the [train] keys the recipe sets on this backbone: recipe.toml keeps them even where they equal
+    # [train]'s, so that --set train.<key> on a run's recipe.toml leaves them alone, as on the recipe file
+    own: tuple[str, ...] = field(default=(), compare=False, metadata={"internal": True})
 
 
 @dataclass(frozen=True)
@@ -225,7 +228,7 @@ def _build(cls, table: Any, prefix: str, where: str, extra: dict | None = None):
     if not isinstance(table, dict):
         raise fail(prefix.rstrip("."))(f"must be a table, got {table!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls) if f.name != "source_file"]
+    names = [f.name for f in dataclasses.fields(cls) if f.name != "source_file" and not f.metadata.get("internal")]
     unknown = [k for k in table if k not in names]
     if unknown:
         close = difflib.get_close_matches(unknown[0], names, n=1)
@@ -265,7 +268,7 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
         prefix = f"backbones[{i}]."
         if not isinstance(item, dict):
             raise RecipeError(f"{where}: backbones[{i}] must be a table, got {item!r}")
-        own_keys = [f.name for f in dataclasses.fields(BackboneConfig) if f.name != "train"]
+        own_keys = [f.name for f in dataclasses.fields(BackboneConfig) if f.name not in ("train", "own")]
         unknown = [k for k in item if k not in train_keys and k not in own_keys]
         if unknown:
             close = difflib.get_close_matches(unknown[0], own_keys + sorted(train_keys), n=1)
@@ -287,7 +290,7 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
                 "set a distinct `alias` for one of them"
             )
         seen[alias] = i
-        result.append(dataclasses.replace(b, alias=alias))
+        result.append(dataclasses.replace(b, alias=alias, own=tuple(sorted(overrides))))
     return tuple(result)
 
 
@@ -427,8 +430,8 @@ def to_dict(recipe: Recipe) -> dict:
         "backbones": [],
     }
     for b in recipe.backbones:
-        item = {k: v for k, v in dataclasses.asdict(b).items() if k != "train"}
-        item.update({k: v for k, v in dataclasses.asdict(b.train).items() if train[k] != v})
+        item = {k: v for k, v in dataclasses.asdict(b).items() if k not in ("train", "own")}
+        item.update({k: v for k, v in dataclasses.asdict(b.train).items() if train[k] != v or k in b.own})
         out["backbones"].append(item)
     return out
 

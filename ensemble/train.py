@@ -13,6 +13,7 @@ both run exactly these, so the benchmark measures the real code.
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import math
 import time
 from collections.abc import Callable
@@ -81,10 +82,11 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """Weight decay on weights only: biases, normalisation scales and what the model names in
     timm's ``no_weight_decay()`` (a ViT's position embedding and class token, relative position
     bias tables) are left alone."""
-    keep = _no_weight_decay(model)
+    keep = _no_weight_decay(model)  # names, or fnmatch patterns as timm reads them (XCiT: 'pos_embed.*')
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.ndim > 1 and n not in keep]
-    rest = [p for n, p in named if p.ndim <= 1 or n in keep]
+    spared = {n for n, _ in named if n in keep or any(fnmatch.fnmatchcase(n, k) for k in keep)}
+    decay = [p for n, p in named if p.ndim > 1 and n not in spared]
+    rest = [p for n, p in named if p.ndim <= 1 or n in spared]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr)

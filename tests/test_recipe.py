@@ -18,6 +18,8 @@ BAD_OVERRIDES = [
     (["train.lr=-0.1"], "digits_5fold.toml: train.lr must be > 0, got -0.1"),
     (["train.optimizer='adam'"], "train.optimizer must be one of sgd | adamw, got 'adam'"),
     (["train.device='gpu'"], "train.device must be auto | cpu | cuda | cuda:N, got 'gpu'"),
+    (["train.device='cuda:01'"], "train.device must be auto | cpu | cuda | cuda:N, got 'cuda:01'"),
+    (["train.device='cuda:128'"], "train.device must be auto | cpu | cuda | cuda:N, got 'cuda:128'"),
     (["data.source='imagenet'"], "data.source must be one of digits | cifar10"),
     (["data.test_fraction=1.5"], "data.test_fraction must be in [0, 1), got 1.5"),
     (["data.source='folder'", "data.path='no/such/dir'"], "data.path does not exist: 'no/such/dir'"),
@@ -207,6 +209,18 @@ def test_resolved_recipe_round_trips(tmp_path):
     path.write_text(recipe.dumps(r))
     again = recipe.load(path)
     assert again == r
+
+
+def test_a_backbone_value_equal_to_trains_stays_pinned_in_the_written_recipe(tmp_path):
+    """backbones.0.lr = train.lr in the recipe: a --set train.lr on the run's recipe.toml must leave
+    backbone 0 alone, as it does on the recipe file itself."""
+    r = recipe.load(DIGITS, ["backbones.0.lr=0.05"])
+    assert r.backbones[0].train.lr == r.train.lr == 0.05
+    path = tmp_path / "resolved.toml"
+    path.write_text(recipe.dumps(r))
+    assert recipe.load(path) == r
+    assert recipe.load(path, ["train.lr=0.1"]).backbones[0].train.lr == 0.05
+    assert recipe.load(DIGITS, ["backbones.0.lr=0.05", "train.lr=0.1"]).backbones[0].train.lr == 0.05
 
 
 def test_odd_keys_and_text_round_trip(tmp_path):

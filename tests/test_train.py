@@ -5,9 +5,11 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+import torch
+from torch import nn
 
 from ensemble.recipe import TrainConfig
-from ensemble.train import lr_factor
+from ensemble.train import lr_factor, make_optimizer
 
 
 @pytest.mark.parametrize("schedule", ["onecycle", "cosine"])
@@ -22,3 +24,20 @@ def test_warm_up_takes_its_share_of_the_steps_then_decays_to_zero(schedule):
 def test_snapshot_cycles_restart_at_the_full_rate():
     f = lr_factor(dataclasses.replace(TrainConfig(), snapshots=4), 40)
     assert [f(s) for s in (0, 10, 20, 30)] == pytest.approx([1.0] * 4) and f(9) < 0.05
+
+
+def test_weight_decay_spares_what_no_weight_decay_names_as_a_pattern():
+    """timm reads no_weight_decay() entries as patterns: XCiT's 'pos_embed.*' spares pos_embed's weights."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.pos_embed = nn.Linear(4, 4)
+            self.cls_token = nn.Parameter(torch.zeros(1, 1, 4))
+            self.head = nn.Linear(4, 2)
+
+        def no_weight_decay(self):
+            return {"pos_embed.*", "cls_token"}
+
+    decay, rest = make_optimizer(Net(), dataclasses.replace(TrainConfig(), weight_decay=0.1)).param_groups
+    assert [p.shape for p in decay["params"]] == [(2, 4)]  # the head's weight only
+    assert decay["weight_decay"] == 0.1 and rest["weight_decay"] == 0.0 and len(rest["params"]) == 4
