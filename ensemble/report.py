@@ -93,7 +93,7 @@ def _need(path: Path, run_dir: Path, hint: Callable[[], str] | None = None) -> P
 def _read_json(path: Path, run_dir: Path, hint: Callable[[], str] | None = None) -> dict:
     try:
         return json.loads(_need(path, run_dir, hint).read_text())
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
         what = hint() if hint else "rerun the step that writes it"
         raise ReportError(f"{path} is not valid JSON ({exc}); {what}") from None
 
@@ -137,6 +137,9 @@ def _histories(run_dir: Path, aliases: list, n_folds: int) -> tuple[dict, dict]:
     for alias in aliases:
         folders = [store.job_dir(run_dir, alias, k) for k in range(n_folds)]
         per_fold = [_read_json(d / "history.json", run_dir, partial(store.retrain_hint, run_dir, d)) for d in folders]
+        for d, h in zip(folders, per_fold):
+            if not isinstance(h, dict):
+                raise ReportError(f"{d / 'history.json'} holds no history object; {store.retrain_hint(run_dir, d)}")
         hist[alias] = [h.get("epochs", []) for h in per_fold]
         snaps[alias] = sorted({int(e) for h in per_fold for e in h.get("snapshot_epochs", [])})
     return hist, snaps
@@ -150,7 +153,10 @@ def _greedy_order(run_dir: Path, n_members: int) -> tuple[list | None, int | Non
     path = run_dir / "combiners" / "weighted.json"
     if not path.is_file():
         return None, None
-    state = _read_json(path, run_dir).get("state", {})
+    doc = _read_json(path, run_dir)
+    state = doc.get("state") if isinstance(doc, dict) else None
+    if not isinstance(state, dict):
+        return None, None
     order = state.get("order_", state.get("order"))
     if not order or not all(isinstance(i, int) and 0 <= i < n_members for i in order):
         return None, None
@@ -179,7 +185,10 @@ def load_run(run_dir) -> Run:
         raise ReportError(f"labels.npy {y.shape} and folds.npy {folds.shape} must be (N,) of equal "
                           f"length; rerun `{store.fit_command(run_dir)}`")
     names, classes = list(metrics["member_names"]), list(metrics["classes"])
-    recipe_text = _need(run_dir / "recipe.toml", run_dir).read_text()
+    try:
+        recipe_text = _need(run_dir / "recipe.toml", run_dir).read_text()
+    except UnicodeDecodeError as exc:
+        raise ReportError(f"{run_dir / 'recipe.toml'} is not UTF-8 text ({exc.reason}); save it as UTF-8") from None
     hist, snaps = _histories(run_dir, _aliases(names), int(folds.max()) + 1)
     order, best_size = _greedy_order(run_dir, len(names))
     oof = _oof_matrix(run_dir, names)
@@ -232,7 +241,7 @@ def _shorts(names: list, width: int = MAX_LABEL, key: dict | None = None) -> lis
         pre = len(os.path.commonprefix(names))
         suf = len(os.path.commonprefix([n[pre:][::-1] for n in names]))
         short = [_keep_middle(n, pre, suf, width) for n in names]
-    for s in {s for s in short if short.count(s) > 1}:
+    for s in sorted({s for s in short if short.count(s) > 1}):  # a set's order varies with PYTHONHASHSEED
         alike = sorted(n for n, t in zip(names, short) if t == s)
         short = [f"{t}#{alike.index(n) + 1}" if t == s else t for n, t in zip(names, short)]
         if key is not None:
@@ -272,7 +281,7 @@ def _rank(row: tuple) -> tuple:
 
 def _best_member(metrics: dict) -> str:
     names = metrics["member_names"]
-    return max(names, key=lambda n: _get(metrics["members"].get(n, {}), "oof", "accuracy") or -1.0)
+    return min(names, key=lambda n: _rank((n, "member", metrics["members"].get(n, {}))))  # ties: lower NLL
 
 
 # ----------------------------------------------------------------------------- 1. learning curves
@@ -422,7 +431,7 @@ def confusion_figure(metrics: dict, run_dir: Path | None = None) -> Figure:
     ax.set_xlabel("predicted class")
     ax.set_ylabel("true class")
     fig.colorbar(im, ax=ax, shrink=0.8, label="fraction of the true class's rows")
-    ax.set_title(f"Confusion matrix: {best}, {split.upper() if split == 'oof' else split} split, "
+    ax.set_title(f"Confusion matrix: {_short(best, 40)}, {split.upper() if split == 'oof' else split} split, "
                  f"n = {int(counts.sum())}{note}\nrows normalised by true class"
                  + ("; grey: no images of the class" if empty.any() else ""), fontsize=11)
     return fig
@@ -447,7 +456,8 @@ def _reliability_curves(run: Run) -> tuple[list, str]:
     for name in dict.fromkeys(wanted):
         rel = combos[name].get("oof", {}).get("reliability")
         if rel:
-            label = f"best combiner: {name}" if name == m.get("best") else f"calibrated: {name}"
+            shown = _short(name, 40)  # a snapshot:<alias> name may be 112 characters
+            label = f"best combiner: {shown}" if name == m.get("best") else f"calibrated: {shown}"
             curves.append((label, rel, _get(combos[name], "oof", "ece")))
         else:
             notes.append(name)
@@ -551,7 +561,7 @@ def ensemble_size_figure(run: Run) -> Figure:
     ref = [(f"best member ({_short(best_member)})",
             _get(m["members"].get(best_member, {}), "oof", "accuracy"), ":")]
     if m.get("best") in m.get("combiners", {}):
-        ref.append((f"best combiner ({m['best']}), as scored by fit",
+        ref.append((f"best combiner ({_short(m['best'], 40)}), as scored by fit",
                     _get(m["combiners"][m["best"]], "oof", "accuracy"), "--"))
     for (label, value, ls), color in zip(ref, ("0.35", "C3")):
         if value is not None:
@@ -648,8 +658,8 @@ def metrics_table(metrics: dict) -> str:
     head = "<tr>" + "".join(f"<th>{h}</th>" for h in (
         "name", "kind", "split", "accuracy", "macro F1", "NLL", "ECE")) + "</tr>"
     body = []
-    ordered = sorted(_table_rows(metrics), key=lambda r: (r[1] != "member", -(_get(r[2], "oof", "accuracy") or -1.0)))
-    for name, kind, splits in ordered:  # as fit's table: members, then combiners, each by OOF accuracy
+    ordered = sorted(_table_rows(metrics), key=lambda r: (r[1] != "member", *_rank(r)[:2]))
+    for name, kind, splits in ordered:  # as fit's table: members, then combiners, each by OOF accuracy, then NLL
         for split, vals in splits.items():
             if not isinstance(vals, dict):
                 continue
@@ -738,7 +748,8 @@ def write_report(run_dir, out_dir=None) -> Path:
 def _draw(run: Run) -> dict:
     """File name -> PNG bytes of every plot. Glyphs the installed fonts lack (e.g. CJK class names)
     are said once on stderr, not once per glyph and figure as matplotlib warns."""
-    with warnings.catch_warnings(record=True) as caught:
+    # names are text, never mathtext: a class folder 'coin_$1_$2' must not be parsed as TeX
+    with warnings.catch_warnings(record=True) as caught, matplotlib.rc_context({"text.parse_math": False}):
         warnings.filterwarnings("always", message="Glyph .* missing from font", category=UserWarning)
         pngs = {name: _png(fig) for name, fig in build_figures(run).items()}
     missing = set()
@@ -802,6 +813,9 @@ def main(argv=None) -> int:
     except ReportError as exc:
         print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # as predict and bench: one line; files are written atomically
+        print("interrupted: the report is incomplete; run the same command again", file=sys.stderr)
+        return 130
     print(_shown(index))  # a strict UTF-8 stdout cannot print a non-UTF-8 path's surrogates
     return 0
 

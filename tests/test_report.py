@@ -347,6 +347,11 @@ def _edit_metrics(run: Path, edit) -> None:
     (lambda run: (run / "labels.npy").write_bytes((run / "labels.npy").read_bytes()[:100]),
      r"labels.npy: not a readable numpy array .*; rewrite it with `python -m ensemble.fit"),
     (lambda run: (run / "recipe.toml").unlink(), "not a run folder"),
+    (lambda run: (run / "metrics.json").write_bytes(b'{"classes": "caf\xe9"}'), "metrics.json is not valid JSON"),
+    (lambda run: (run / "members/convnext_nano/fold0/history.json").write_text("[]"),
+     r"fold0/history.json holds no history object; delete .* and run"),
+    (lambda run: (run / "recipe.toml").write_bytes((run / "recipe.toml").read_bytes() + b"# caf\xe9\n"),
+     "recipe.toml is not UTF-8 text"),
     (lambda run: (run / "metrics.json").write_text("3"), "metrics.json holds no metrics object"),
     (lambda run: _edit_metrics(run, lambda m: m["combiners"].update(vote={})),
      "metrics.json: combiners entry 'vote' is not an object with 'oof' scores"),
@@ -592,3 +597,61 @@ def test_page_renders_in_headless_chromium(small_report, tmp_path):
     with Image.open(shot) as img:
         assert img.size == (1280, 2000)
         assert img.convert("L").getextrema()[0] < 100, "the screenshot is blank"
+
+
+def test_class_names_with_dollar_signs_are_drawn_as_text_not_tex(tmp_path):
+    """Matplotlib parses a label with two '$' as mathtext: 'coin_$1_$2' crashed the report (and fit)."""
+    run = make_run(tmp_path)
+    _edit_metrics(run, lambda m: m.update(classes=["coin_$1_$2", "price_$^$", "$x$", "cat"]))
+    write_report(run)
+    labels = [t.get_text() for t in report.confusion_figure(load_run(run).metrics).axes[0].get_yticklabels()]
+    assert "coin_$1_$2" in labels and "$x$" in labels
+
+
+def test_the_html_table_and_best_member_break_accuracy_ties_by_nll_as_fit_does(tmp_path):
+    run = make_run(tmp_path)
+
+    def tie(m):
+        combos, members = m["combiners"], m["members"]
+        combos["mean+ts"]["oof"].update(accuracy=combos["mean"]["oof"]["accuracy"], nll=0.01)
+        first, second = m["member_names"][:2]
+        members[first]["oof"].update(accuracy=0.99, nll=0.5)
+        members[second]["oof"].update(accuracy=0.99, nll=0.4)
+    _edit_metrics(run, tie)
+    metrics = load_run(run).metrics
+    rows = re.findall(r"<tr(?: class=\"best\")?><td>([^<]+)</td><td>combiner</td><td>oof</td>",
+                      report.metrics_table(metrics))
+    assert rows.index("mean+ts") < rows.index("mean")
+    assert report._best_member(metrics) == metrics["member_names"][1]
+
+
+def test_the_label_key_is_in_a_fixed_order_whatever_the_hash_seed():
+    names = ["a" + "x" * 30 + k + "x" * 30 + "a" for k in "pq"] + ["b" + "x" * 30 + k + "x" * 30 + "b" for k in "pq"]
+    code = ("import sys; sys.path.insert(0, '.'); from ensemble import report; key = {}; "
+            f"report._shorts({names!r}, 16, key); print(list(key))")
+    out = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                          env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2", "3")}
+    assert len(out) == 1
+
+
+def test_ctrl_c_during_the_report_is_one_line(tmp_path, capsys, monkeypatch):
+    def interrupted(*_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(report, "_draw", interrupted)
+    assert main([str(make_run(tmp_path)), "--out", str(tmp_path / "out")]) == 130
+    assert capsys.readouterr().err.startswith("interrupted")
+
+
+def test_long_snapshot_combiner_names_stay_inside_the_figures(tmp_path):
+    run = make_run(tmp_path)
+    long = "snapshot+ts:" + "s" * 100
+
+    def rename(m):
+        m["combiners"][long] = m["combiners"].pop("mean+ts")
+        m["best"] = long
+    _edit_metrics(run, rename)
+    loaded = load_run(run)
+    for fig in (report.reliability_figure(loaded), report.confusion_figure(loaded.metrics),
+                report.ensemble_size_figure(loaded)):
+        assert _text_problems(fig) == []
