@@ -313,7 +313,10 @@ def usable_cores() -> int:
 
 
 def _threads_per_job(n_jobs: int) -> int:
-    return max(1, usable_cores() // max(1, n_jobs))
+    """The usable cores split between the jobs; an explicit OMP_NUM_THREADS (a shared machine) caps it."""
+    threads = max(1, usable_cores() // max(1, n_jobs))
+    cap = os.environ.get("OMP_NUM_THREADS", "")
+    return min(threads, int(cap)) if cap.isdigit() and int(cap) >= 1 else threads
 
 
 def run_all(

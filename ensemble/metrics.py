@@ -92,7 +92,7 @@ def nll(proba: np.ndarray, y: np.ndarray) -> float:
     """Mean negative log-likelihood of the true class, probabilities clipped at ``EPS``."""
     proba, y = _check(proba, y)
     p_true = proba[np.arange(len(y)), y]
-    return float(-np.mean(np.log(np.clip(p_true, EPS, 1.0))))
+    return float(-np.mean(np.log(np.clip(p_true, EPS, 1.0)))) + 0.0  # not -0.0 ("-0.0000") when every row is sure
 
 
 def brier(proba: np.ndarray, y: np.ndarray) -> float:

@@ -605,7 +605,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="image files, folders, ImageFolder trees (labelled) or .tar/.tar.gz of them")
     p.add_argument("--method", help="fitted combiner to use (default: the run's best by nested OOF accuracy)")
     p.add_argument("--members", action="store_true", help="list the run's members and fitted combiners, then exit")
-    p.add_argument("--out", type=Path, default=Path("preds.csv"),
+    p.add_argument("--out", default="preds.csv",
                    help="CSV of predictions (default preds.csv); metrics go to <stem>.metrics.json")
     p.add_argument("--tta", choices=("none", "flip"), default="none",
                    help="test-time augmentation: flip averages each model's logits of the image and of its "
@@ -614,6 +614,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=256, help="images per forward pass (default 256)")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     args = p.parse_intermixed_args(argv)  # options may come before, between or after the INPUTs
+    if args.out.endswith(("/", os.sep)):  # Path() drops it: `--out results/` would write a file 'results'
+        p.error(f"--out {args.out} names a folder; give a CSV file name, e.g. {args.out}preds.csv")
+    args.out = Path(args.out)
     if not args.members and not args.inputs:
         p.error("give at least one INPUT (or --members to list what the run holds)")
     if args.members and (args.inputs or args.method is not None):
@@ -723,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # the CSV is written atomically: nothing half-written is left
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `predict ... | head -1`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return 141  # 128 + SIGPIPE, as a shell tool stopped by the closed pipe; 1 would say "inputs failed"
 
 
 if __name__ == "__main__":

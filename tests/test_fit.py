@@ -775,3 +775,13 @@ def test_the_knn_check_before_training_uses_as_few_rows_as_a_nested_fit():
     check_fits(r, 10, 18)
     with pytest.raises(recipe.RecipeError, match="n_neighbors = 18 is more than the 16 rows"):
         check_fits(r, 10, 16)
+
+
+def test_ctrl_c_while_fit_is_still_importing_is_one_line(tiny_recipe, tmp_path):
+    """torch and timm take a second or more to import; a Ctrl-C then used to be a 40-line traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "ensemble.fit", str(tiny_recipe), "--out", str(tmp_path / "run")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err

@@ -163,3 +163,8 @@ def test_fit_temperature_recovers_known_t(true_t):
 def test_errors(call, fragment):
     with pytest.raises(ValueError, match=fragment):
         call()
+
+
+def test_a_perfect_score_has_an_nll_of_zero_not_minus_zero():
+    nll = metrics.nll(np.eye(3), np.arange(3))
+    assert nll == 0.0 and math.copysign(1.0, nll) == 1.0  # printed "0.0000", not "-0.0000"

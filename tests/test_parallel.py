@@ -498,3 +498,13 @@ def test_processes_started_for_a_local_dask_cluster_leave_ctrl_c_to_fit():
     assert inside == "True"
     assert signal.getsignal(signal.SIGINT) is before
     assert subprocess.run(probe, capture_output=True, text=True, check=True).stdout.strip() == "False"
+
+
+def test_an_explicit_omp_num_threads_caps_the_threads_per_job(monkeypatch):
+    monkeypatch.setattr(jobs, "usable_cores", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert jobs._threads_per_job(2) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert jobs._threads_per_job(2) == 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "")
+    assert jobs._threads_per_job(2) == 4

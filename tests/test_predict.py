@@ -13,6 +13,8 @@ import json
 import pickle
 import os
 import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -175,6 +177,20 @@ def test_ctrl_c_is_one_line_and_leaves_no_csv(base, tmp_path, capsys, monkeypatc
     monkeypatch.setattr(predict, "member_logits", interrupted)
     rc, _, err = call([base["run"], base["test"], "--out", tmp_path / "p.csv", "--quiet"], capsys)
     assert rc == 130 and err.strip() == "interrupted" and not (tmp_path / "p.csv").exists()
+
+
+def test_an_out_ending_in_a_slash_is_a_folder_not_a_file_name(base, tmp_path, capsys):
+    rc, _, err = call([base["run"], base["test"], "--out", f"{tmp_path / 'results'}/"], capsys)
+    assert rc == 2 and "names a folder; give a CSV file name" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_reader_that_goes_away_is_exit_141_not_a_traceback(base, tmp_path):
+    """`predict ... | head -c 1`: the closed pipe is no failed input (1) and no traceback."""
+    cmd = (f"set -o pipefail; {sys.executable} -m ensemble.predict {base['run']} {base['test']} "
+           f"--out {tmp_path / 'p.csv'} --quiet | head -c 1 > /dev/null")
+    done = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True)
+    assert done.returncode == 141 and "Traceback" not in done.stderr, done.stderr
 
 
 def test_tar_of_imagefolder_and_unlabelled_inputs(base, tmp_path, capsys, good_image):
