@@ -194,7 +194,7 @@ def table(result: dict) -> str:
     lines = [head, "-" * len(head)]
     for kind in ("members", "combiners"):
         # best first, as the best combiner is picked: OOF accuracy, then OOF NLL
-        for name, s in sorted(result[kind].items(), key=lambda kv: (-kv[1]["oof"]["accuracy"], kv[1]["oof"]["nll"])):
+        for name, s in sorted(result[kind].items(), key=lambda kv: rank(kv[1]), reverse=True):
             line = f"{kind.rstrip('s'):9} {name:{w}} {s['oof']['accuracy']:8.4f} {s['oof']['f1']:7.4f} "
             line += f"{s['oof']['nll']:8.4f}"
             if "test" in s:

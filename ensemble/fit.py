@@ -317,19 +317,11 @@ def run_lock(run_dir: Path):
     """Hold an exclusive lock on the run folder while fit runs (released when fit ends or dies): a
     second fit on the same --out would train the same jobs again and mix two recipes' files.
     Where there is no ``fcntl`` (Windows), nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        yield
-        return
     made = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
     lock = run_dir / ".fit.lock"
-    handle = open(lock, "a")  # noqa: SIM115 - held for the block
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
+    handle = store.try_lock(lock)
+    if handle is None:
         raise RecipeError(f"--out {run_dir}: another fit is running on this folder; wait for it to end, "
                           "or give another --out") from None
     try:

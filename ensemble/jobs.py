@@ -11,7 +11,6 @@ joblib: local processes, or its Dask/Ray backends on a cluster.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import os
 import platform
@@ -31,7 +30,7 @@ import torch
 
 from . import backbones, store
 from . import progress as progress_mod
-from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe
+from .recipe import PERFORMANCE_KEYS, BackboneConfig, Recipe, backbone_dict
 
 CACHE_VERSION = 3  # bump when the training loop changes what a cached job contains (2: crop and cutout
 #                   scale with the image size, weight decay spares timm's no_weight_decay(), the cifar
@@ -78,8 +77,7 @@ class SharedData:
 def _shaping(b: BackboneConfig) -> dict:
     """What decides a backbone's trained weights. A pretrained file counts by its content, not
     its path: a file replaced in place retrains, one moved elsewhere does not."""
-    d = dataclasses.asdict(b)
-    d.pop("own")  # how the recipe spelled it, not what trained
+    d = backbone_dict(b)
     d["train"] = {k: v for k, v in d["train"].items() if k not in PERFORMANCE_KEYS}
     if b.pretrained:
         d["pretrained"] = _file_digest(Path(b.pretrained))
@@ -236,7 +234,7 @@ def _train_and_write(job: Job, data: SharedData, run_dir: Path, progress: bool, 
         "alias": job.alias,
         "fold": job.fold,
         "seed": job.seed,
-        "backbone": {k: v for k, v in dataclasses.asdict(job.backbone).items() if k != "own"},
+        "backbone": backbone_dict(job.backbone),
         "seconds": seconds,
         "device": str(dev),
         "threads": torch.get_num_threads(),
@@ -285,16 +283,11 @@ def claim_gpu(lock_dir: Path, n_slots: int, n_gpus: int, poll_s: float = 0.2) ->
     ``n_slots`` = the number of concurrent jobs a free slot always exists; the poll only
     covers the moment between one job ending and the next starting.
     """
-    import fcntl
-
     lock_dir.mkdir(parents=True, exist_ok=True)
     while True:
         for slot in range(n_slots):
-            handle = open(lock_dir / f"slot{slot}.lock", "w")  # noqa: SIM115 - held for the block
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.close()
+            handle = store.try_lock(lock_dir / f"slot{slot}.lock")
+            if handle is None:
                 continue
             try:
                 yield slot % n_gpus

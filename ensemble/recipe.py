@@ -255,6 +255,15 @@ def _build(cls, table: Any, prefix: str, where: str, extra: dict | None = None):
         raise fail(prefix + (missing[0] if missing else ""))("is required") from None
 
 
+def backbone_dict(b: BackboneConfig) -> dict:
+    """A backbone's settings as a dict, without the recipe's internal bookkeeping (``own``)."""
+    d = dataclasses.asdict(b)
+    for f in dataclasses.fields(b):
+        if f.metadata.get("internal"):
+            del d[f.name]
+    return d
+
+
 def _derive_alias(name: str) -> str:
     return name.split(":", 1)[-1].replace("/", "_")
 
@@ -268,7 +277,8 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
         prefix = f"backbones[{i}]."
         if not isinstance(item, dict):
             raise RecipeError(f"{where}: backbones[{i}] must be a table, got {item!r}")
-        own_keys = [f.name for f in dataclasses.fields(BackboneConfig) if f.name not in ("train", "own")]
+        own_keys = [f.name for f in dataclasses.fields(BackboneConfig)
+                    if f.name != "train" and not f.metadata.get("internal")]
         unknown = [k for k in item if k not in train_keys and k not in own_keys]
         if unknown:
             close = difflib.get_close_matches(unknown[0], own_keys + sorted(train_keys), n=1)
@@ -430,7 +440,7 @@ def to_dict(recipe: Recipe) -> dict:
         "backbones": [],
     }
     for b in recipe.backbones:
-        item = {k: v for k, v in dataclasses.asdict(b).items() if k not in ("train", "own")}
+        item = {k: v for k, v in backbone_dict(b).items() if k != "train"}
         item.update({k: v for k, v in dataclasses.asdict(b.train).items() if train[k] != v or k in b.own})
         out["backbones"].append(item)
     return out

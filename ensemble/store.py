@@ -26,7 +26,7 @@ import shlex
 import tempfile
 from collections.abc import Callable
 from functools import partial
-from typing import BinaryIO
+from typing import IO, BinaryIO
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -130,6 +130,23 @@ def is_utf8(text: str) -> bool:
     except UnicodeEncodeError:
         return False
     return True
+
+
+def try_lock(path: Path) -> IO | None:
+    """Open ``path`` and take an exclusive ``flock`` on it without waiting: the open file (closing it,
+    or the process dying, releases the lock), or None when another process holds it. Where there is
+    no ``fcntl`` (Windows) the file is opened and nothing is locked."""
+    handle = open(path, "a")  # noqa: SIM115 - the caller holds it
+    try:
+        import fcntl
+    except ImportError:
+        return handle
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        return None
+    return handle
 
 
 def unwritable(folder: Path) -> str | None:

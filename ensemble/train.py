@@ -84,7 +84,7 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     bias tables) are left alone."""
     keep = _no_weight_decay(model)  # names, or fnmatch patterns as timm reads them (XCiT: 'pos_embed.*')
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    spared = {n for n, _ in named if n in keep or any(fnmatch.fnmatchcase(n, k) for k in keep)}
+    spared = {n for n, _ in named if any(fnmatch.fnmatchcase(n, k) for k in keep)}
     decay = [p for n, p in named if p.ndim > 1 and n not in spared]
     rest = [p for n, p in named if p.ndim <= 1 or n in spared]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": rest, "weight_decay": 0.0}]
