@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import os
 import platform
 import re
 import signal
 import socket
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -131,15 +133,15 @@ def run_job(
     run_dir: Path,
     threads: int,
     progress: bool,
-    gpu_slots: int = 0,
+    spread_gpus: bool = False,
 ) -> dict:
     """Train one (backbone, fold) job and write its files; returns a one-line summary dict.
 
     ``threads`` > 0 sets torch's CPU threads for this job (restored after); 0 keeps the
-    process's own setting (a Dask or Ray worker's OMP_NUM_THREADS). ``gpu_slots`` > 0
-    (local runs with several GPUs) makes the job hold one of that many slots while it
-    runs, slot s on GPU s mod n_gpus: concurrent jobs spread over the GPUs instead of
-    piling onto one.
+    process's own setting (a Dask or Ray worker's OMP_NUM_THREADS). ``spread_gpus``
+    (local runs with several GPUs) makes the job hold a slot on the least busy GPU while it
+    runs (:func:`claim_gpu`): concurrent jobs, of this run and of this user's other runs on
+    the machine, spread over the GPUs instead of piling onto one.
     """
     from .train import DivergedError
 
@@ -147,8 +149,8 @@ def run_job(
     if threads:
         torch.set_num_threads(threads)
     try:
-        if gpu_slots and job.backbone.train.device in ("auto", "cuda"):
-            with claim_gpu(Path(run_dir) / ".gpu-slots", gpu_slots, torch.cuda.device_count()) as gpu:
+        if spread_gpus and job.backbone.train.device in ("auto", "cuda"):
+            with claim_gpu(gpu_lock_dir(), gpu_ids(torch.cuda.device_count())) as gpu:
                 return _train_and_write(job, data, run_dir, progress, f"cuda:{gpu}")
         return _train_and_write(job, data, run_dir, progress, None)
     except (DivergedError, OSError):  # fit says these in its own words
@@ -275,26 +277,38 @@ def predict_test(job: Job, data: SharedData, run_dir: Path) -> str:
     return str(device)
 
 
-@contextlib.contextmanager
-def claim_gpu(lock_dir: Path, n_slots: int, n_gpus: int, poll_s: float = 0.2) -> Iterator[int]:
-    """Hold the first free one of ``n_slots`` slot lock files; yields its GPU, slot mod ``n_gpus``.
+def gpu_lock_dir() -> Path:
+    """Where every run of this user on this machine keeps its GPU slot locks."""
+    user = os.getuid() if hasattr(os, "getuid") else os.environ.get("USERNAME", "user")
+    return Path(tempfile.gettempdir()) / f"ensemble-gpu-slots-{user}"
 
-    The lock (``flock``) is released when the block ends or the process dies. With
-    ``n_slots`` = the number of concurrent jobs a free slot always exists; the poll only
-    covers the moment between one job ending and the next starting.
+
+def gpu_ids(n_gpus: int) -> list[str]:
+    """A name for each visible GPU that every process agrees on whatever its CUDA_VISIBLE_DEVICES:
+    the card's UUID (its index where torch does not say)."""
+    return [str(getattr(torch.cuda.get_device_properties(i), "uuid", i)) for i in range(n_gpus)]
+
+
+@contextlib.contextmanager
+def claim_gpu(lock_dir: Path, gpus: list[str]) -> Iterator[int]:
+    """Hold a slot on the least busy of ``gpus`` while the block runs; yields that GPU's index.
+
+    Slot k of GPU g is the lock file ``<g>.<k>.lock``. A job takes the lowest free k over
+    all GPUs, so jobs fill the GPUs level by level: every GPU's first slot, then every
+    GPU's second. A lock (``flock``) is released when the block ends or the process dies,
+    and there are as many levels as jobs, so a job never waits for a slot.
     """
     lock_dir.mkdir(parents=True, exist_ok=True)
-    while True:
-        for slot in range(n_slots):
-            handle = store.try_lock(lock_dir / f"slot{slot}.lock")
+    for level in itertools.count():
+        for index, gpu in enumerate(gpus):
+            handle = store.try_lock(lock_dir / f"{gpu}.{level}.lock")
             if handle is None:
                 continue
             try:
-                yield slot % n_gpus
+                yield index
             finally:
                 handle.close()  # releases the lock
             return
-        time.sleep(poll_s)
 
 
 def usable_cores() -> int:
@@ -368,9 +382,9 @@ def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, pr
 
     threads = _threads_per_job(n_jobs)
     n_gpus = torch.cuda.device_count()
-    slots = max(n_jobs, n_gpus) if n_gpus > 1 else 0
     # n_jobs = 1: joblib runs the calls one by one in this process
-    calls = (delayed(_run_local_job)(os.getpid(), job, data, run_dir, threads, progress, slots) for job in jobs)
+    calls = (delayed(_run_local_job)(os.getpid(), job, data, run_dir, threads, progress, n_gpus > 1)
+             for job in jobs)
     try:
         yield from Parallel(n_jobs=n_jobs, backend="loky", return_as="generator_unordered")(calls)
     except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C (here, or in fit while it prints a result)
@@ -382,14 +396,14 @@ def _run_local(jobs: list[Job], data: SharedData, run_dir: Path, n_jobs: int, pr
 
 
 def _run_local_job(fit_pid: int, job: Job, data: SharedData, run_dir: Path, threads: int, progress: bool,
-                   gpu_slots: int) -> dict:
+                   spread_gpus: bool) -> dict:
     """:func:`run_job` in a local worker process that exits as soon as the fit process is gone."""
     if fit_pid != os.getpid():  # a worker (with --jobs 1 joblib runs the job in fit's own process)
         _exit_with(fit_pid)
         progress_mod.use_thread_lock()
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is fit's to handle: it stops the workers
-    return run_job(job, data, run_dir, threads, progress, gpu_slots=gpu_slots)
+    return run_job(job, data, run_dir, threads, progress, spread_gpus=spread_gpus)
 
 
 _WATCHED: set[int] = set()
@@ -440,16 +454,15 @@ def _run_dask(jobs: list[Job], data: SharedData, run_dir: Path, gpus_per_job: fl
     resources = dask_resources(dask_worker_gpus(client), gpus_per_job)
     # a local cluster (fit started it): its workers share this machine's GPUs, so each job holds a
     # GPU slot as with loky; on a remote cluster CUDA_VISIBLE_DEVICES per worker does it
-    n_gpus = torch.cuda.device_count() if getattr(client, "cluster", None) is not None else 0
-    slots = n_gpus if n_gpus > 1 else 0
+    spread = getattr(client, "cluster", None) is not None and torch.cuda.device_count() > 1
     if sum(client.ncores().values()) == 1:
         shared = client.scatter(data, broadcast=True)
         for job in jobs:
-            future = client.submit(run_job, job, shared, run_dir, 0, False, slots, resources=resources or None,
+            future = client.submit(run_job, job, shared, run_dir, 0, False, spread, resources=resources or None,
                                    pure=False)
             yield future.result()
         return
-    calls = (delayed(run_job)(job, data, run_dir, 0, False, slots) for job in jobs)
+    calls = (delayed(run_job)(job, data, run_dir, 0, False, spread) for job in jobs)
     settings = {"resources": resources} if resources else {}
     with parallel_config(backend="dask", scatter=[data], **settings):
         results = Parallel(n_jobs=-1, batch_size=1, return_as="generator_unordered")(calls)

@@ -11,6 +11,7 @@ import os
 import tarfile
 import threading
 import time
+import tomllib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ import pytest
 import torch
 
 from ensemble import fit, jobs
+from ensemble import recipe as recipe_mod
 from ensemble.recipe import TrainConfig
 from ensemble.progress import bar as progress_bar
 from ensemble.progress import interval as progress_interval
@@ -92,7 +94,6 @@ def test_threads_per_job_count_the_cores_this_process_may_use(monkeypatch):
 
 
 def test_a_job_rerun_in_this_process_gives_the_bits_a_worker_wrote(local_run, tmp_path):
-    from ensemble import recipe as recipe_mod
     from ensemble.data import load_dataset
 
     recipe = recipe_mod.load(local_run / "recipe.toml")
@@ -110,27 +111,33 @@ def test_a_job_rerun_in_this_process_gives_the_bits_a_worker_wrote(local_run, tm
     assert json.loads((mine / "meta.json").read_text())["pid"] == os.getpid()
 
 
-def test_claim_gpu_gives_concurrent_jobs_distinct_slots_round_robin_over_gpus(tmp_path):
-    held = []
-    with jobs.claim_gpu(tmp_path, n_slots=4, n_gpus=2) as g0, jobs.claim_gpu(tmp_path, 4, 2) as g1:
-        with jobs.claim_gpu(tmp_path, 4, 2) as g2:
-            held += [g0, g1, g2]
-        with jobs.claim_gpu(tmp_path, 4, 2) as g2_again:  # the freed slot is taken again
-            held.append(g2_again)
-    assert held == [0, 1, 0, 0]
+def test_claim_gpu_fills_the_gpus_level_by_level_and_never_waits(tmp_path):
+    gpus = ["GPU-a", "GPU-b"]
+    with jobs.claim_gpu(tmp_path, gpus) as g0, jobs.claim_gpu(tmp_path, gpus) as g1:
+        with jobs.claim_gpu(tmp_path, gpus) as g2, jobs.claim_gpu(tmp_path, gpus) as g3:
+            with jobs.claim_gpu(tmp_path, gpus) as g4:  # more jobs than two per GPU: a third level
+                held = [g0, g1, g2, g3, g4]
+        with jobs.claim_gpu(tmp_path, gpus) as again:  # the freed slots are taken again, lowest first
+            held.append(again)
+    assert held == [0, 1, 0, 1, 0, 0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "GPU-a.0.lock", "GPU-a.1.lock", "GPU-a.2.lock", "GPU-b.0.lock", "GPU-b.1.lock"]
 
-    def waiter(out: list) -> None:
-        with jobs.claim_gpu(tmp_path, 1, 1, poll_s=0.01) as g:
-            out.append(g)
 
-    got: list = []
-    with jobs.claim_gpu(tmp_path, 1, 1):
-        t = threading.Thread(target=waiter, args=(got,))
-        t.start()
-        t.join(0.3)
-        assert got == []  # every slot busy: the next job waits
-    t.join(5)
-    assert got == [0]
+def test_jobs_of_two_runs_spread_over_the_gpus_as_one_runs_would(tmp_path, monkeypatch):
+    """The slots are this user's on the machine, not a run folder's: a second fit on another
+    --out starts on the GPU the first one leaves free."""
+    monkeypatch.setattr(jobs, "gpu_lock_dir", lambda: tmp_path / "locks")
+    monkeypatch.setattr(jobs, "gpu_ids", lambda n: [f"GPU-{i}" for i in range(n)])
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    devices = []
+    monkeypatch.setattr(jobs, "_train_and_write", lambda job, data, run_dir, progress, device: devices.append(device))
+    job = jobs.plan(recipe_mod.from_dict(tomllib.loads(TINY_RECIPE)), "fingerprint", np.array([0, 1] * 4))[0]
+    with jobs.claim_gpu(tmp_path / "locks", ["GPU-0", "GPU-1"]):  # a job of another run holds GPU 0
+        jobs.run_job(job, None, tmp_path / "run_b", threads=0, progress=False, spread_gpus=True)
+    jobs.run_job(job, None, tmp_path / "run_b", threads=0, progress=False, spread_gpus=True)
+    jobs.run_job(job, None, tmp_path / "run_b", threads=0, progress=False)  # one GPU, or a CPU job
+    assert devices == ["cuda:1", "cuda:0", None]
 
 
 @pytest.mark.parametrize("kwargs, message", [
