@@ -262,15 +262,22 @@ def _note_shared_images(train: Images, test: Images | None) -> None:
     memory, not accuracy on images the models never saw."""
     if test is None or not len(test.y):
         return
-    seen = set(_row_digests(train.x))
-    shared = sum(d in seen for d in _row_digests(test.x))
+    seen = set(row_digests(train.x))
+    shared = sum(d in seen for d in row_digests(test.x))
     if shared:
         also = "is also a training image" if shared == 1 else "are also training images"
         _warn_notes([(f"{shared} of the {len(test.y)} test images {also} (the same pixels): their test scores "
                       "measure memory, not accuracy on unseen images; remove them from the test set")])
 
 
-def _row_digests(x: torch.Tensor) -> list[bytes]:
+def copy_groups(x: torch.Tensor) -> np.ndarray | None:
+    """For each image, the index of the first image with the same pixels; None when no two are alike."""
+    first: dict[bytes, int] = {}
+    groups = np.array([first.setdefault(d, i) for i, d in enumerate(row_digests(x))], dtype=np.int64)
+    return None if len(first) == len(groups) else groups
+
+
+def row_digests(x: torch.Tensor) -> list[bytes]:
     return [hashlib.blake2b(memoryview(r).cast("B"), digest_size=16).digest() for r in np.ascontiguousarray(x.numpy())]
 
 

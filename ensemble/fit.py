@@ -80,13 +80,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def make_folds(y: np.ndarray, k: int, seed: int) -> np.ndarray:
-    """One stratified k-fold split: the fold index (0..k-1) of every row, shape (N,)."""
-    from sklearn.model_selection import StratifiedKFold
+def make_folds(y: np.ndarray, k: int, seed: int, copies: np.ndarray | None = None) -> np.ndarray:
+    """One stratified k-fold split: the fold index (0..k-1) of every row, shape (N,).
+
+    ``copies`` (:func:`data.copy_groups`: rows with equal values hold the same pixels) keeps
+    every copy of an image in one fold, so no fold model is scored on an image it trained on.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
     folds = np.empty(len(y), dtype=np.int64)
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    for fold, (_, held_out) in enumerate(splitter.split(np.zeros(len(y)), y)):
+    if copies is None:
+        split = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y)
+    else:
+        split = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, copies)
+    for fold, (_, held_out) in enumerate(split):
         folds[held_out] = fold
     return folds
 
@@ -99,15 +106,26 @@ def describe_test_set(dataset) -> str:
     return f"{len(dataset.test.y)} test" + (f" ({covered} of {total} classes)" if covered < total else "")
 
 
-def check_class_counts(recipe: Recipe, y: np.ndarray, classes) -> None:
-    counts = np.bincount(y, minlength=len(classes))
+def check_class_counts(recipe: Recipe, y: np.ndarray, classes, copies: np.ndarray | None = None) -> None:
+    """Every class needs cv.folds distinct training images: copies of an image share a fold."""
+    distinct = y if copies is None else y[np.unique(copies)]
+    counts = np.bincount(distinct, minlength=len(classes))
     worst = int(counts.argmin())
     if counts[worst] < recipe.cv.folds:
         raise recipe.error(
             "cv.folds",
             f"= {recipe.cv.folds} needs at least that many training images per class, "
-            f"but class {classes[worst]!r} has {counts[worst]}; lower cv.folds or add images",
+            f"but class {classes[worst]!r} has {counts[worst]}{'' if copies is None else ' distinct ones'}; "
+            "lower cv.folds or add images",
         )
+
+
+def note_copies(copies: np.ndarray | None) -> None:
+    if copies is not None:
+        n = len(copies) - len(np.unique(copies))
+        print(f"note: {n} training image{' is a copy' if n == 1 else 's are copies'} of another one (the same "
+              "pixels); every copy is kept in its original's fold, so no model is scored on an image it trained on",
+              file=sys.stderr)
 
 
 def write_run_files(run_dir: Path, recipe: Recipe, dataset, folds: np.ndarray, cache: Path | None = None) -> None:
@@ -336,7 +354,7 @@ def run_lock(run_dir: Path):
 
 def _run_locked(args: argparse.Namespace, recipe: Recipe, run_dir: Path, previous: str | None,
                 missing: RecipeError | None) -> Path:
-    from .data import DataError, NoImagesError, load_dataset, notes_printed
+    from .data import DataError, NoImagesError, copy_groups, load_dataset, notes_printed
 
     t0 = time.perf_counter()
     if missing is not None:
@@ -356,8 +374,10 @@ def _run_locked(args: argparse.Namespace, recipe: Recipe, run_dir: Path, previou
         if isinstance(exc, NoImagesError) and refit_combiners_only(recipe, run_dir, previous, args, t0, str(exc)):
             return run_dir  # an empty folder: a disk not mounted at its mount point
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
-    check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes)
-    folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed)
+    copies = copy_groups(dataset.train.x)
+    check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes, copies)
+    note_copies(copies)
+    folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed, copies)
     check_fits(recipe, len(dataset.train.classes), len(folds) - int(np.bincount(folds).max()))
     print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "

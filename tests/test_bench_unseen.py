@@ -75,6 +75,23 @@ def test_unseen_indices_never_touch_the_kept_images():
     assert len(kept.y) == 6 and not set(idx) & {0, 1, 2, 4, 5, 8}
 
 
+def test_copies_of_the_runs_images_are_passed_over(finished, tmp_path, capsys):
+    """An image after the kept ones with the same pixels as a kept one is not unseen: skipped, the next taken."""
+    tree = tmp_path / "digits"
+    shutil.copytree(finished["tree"], tree)
+    shutil.copy(tree / "0" / "00.png", tree / "0" / f"{PER_CLASS:02d}_copy.png")  # right after the kept images
+    run = predict.load_run(finished["run"])
+    before = unseen.load_unseen(run, *unseen.data_config(run, None), finished["cache"], 5)
+    capsys.readouterr()
+    after = unseen.load_unseen(run, *unseen.data_config(run, str(tree)), tmp_path / "cache", 5)
+    assert "note: 1 image is a copy of images the run used (the same pixels); passed over" in capsys.readouterr().err
+    assert torch.equal(after.x, before.x) and torch.equal(after.y, before.y)
+    skip = np.zeros(12, dtype=bool)
+    skip[[3, 6]] = True
+    y = np.array([0, 1, 0, 0, 1, 2, 1, 0, 2, 2, 1, 0])
+    assert unseen.unseen_indices(y, per_class=2, n=2, skip=skip).tolist() == [7, 9, 10, 11]
+
+
 def test_scores_agree_with_predict_on_the_same_files(finished, tmp_path, capsys):
     rc = unseen.main([str(finished["run"]), "--images-per-class", "5", "--cache", str(finished["cache"])])
     out = capsys.readouterr().out

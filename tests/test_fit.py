@@ -19,6 +19,7 @@ import pytest
 
 from ensemble import data as data_mod
 from ensemble import fit, store
+from ensemble import recipe as recipe_mod
 
 from conftest import CIFAR_ARCHIVE, TINY_RECIPE
 
@@ -320,6 +321,46 @@ name = "timm:test_resnet"
 [ensemble]
 combiners = ["mean"]
 """
+
+
+def test_copies_of_an_image_share_a_fold_so_no_model_is_scored_on_an_image_it_trained_on(tmp_path, session_cache,
+                                                                                            capsys):
+    imgs = digit_tree(tmp_path / "imgs", n=40)
+    for i in range(6):  # six images stored twice under another name, as folder datasets often hold them
+        original = next(p for p in sorted(imgs.rglob("*.png")) if p.name == f"{i:02d}.png")
+        shutil.copy(original, original.with_name(f"{i:02d}_copy.png"))
+    (tmp_path / "rel.toml").write_text(FOLDER_RECIPE.replace("folds = 2", "folds = 4").replace('"imgs"', repr(str(imgs))))
+    assert fit.main([str(tmp_path / "rel.toml"), "--out", str(tmp_path / "run"), "--cache", str(session_cache),
+                     "--quiet", "--no-report"]) == 0
+    assert "note: 6 training images are copies of another one (the same pixels); every copy is kept in its " \
+           "original's fold" in capsys.readouterr().err
+    folds = np.load(tmp_path / "run" / "folds.npy")
+    x = data_mod.load_dataset(recipe_mod.load(tmp_path / "run" / "recipe.toml").data, session_cache, 0,
+                              progress=False).train.x
+    copies = data_mod.copy_groups(x)
+    assert len(copies) - len(set(copies.tolist())) == 6
+    assert all(folds[i] == folds[copies[i]] for i in range(len(folds)))  # a plain StratifiedKFold splits them
+    assert np.bincount(folds).min() >= 10  # still four folds of about 11 images
+
+
+def test_make_folds_without_copies_keeps_the_plain_stratified_split():
+    """A run without copies keeps the folds (and so the cached jobs) it had before copies were grouped."""
+    from sklearn.model_selection import StratifiedKFold
+
+    y = np.repeat(np.arange(3), 10)
+    plain = np.empty(30, dtype=np.int64)
+    for k, (_, held) in enumerate(StratifiedKFold(5, shuffle=True, random_state=7).split(np.zeros(30), y)):
+        plain[held] = k
+    assert fit.make_folds(y, 5, 7).tolist() == plain.tolist()
+
+
+def test_a_class_with_fewer_distinct_images_than_folds_is_refused(tmp_path):
+    r = recipe_mod.from_dict({"name": "t", "data": {"source": "digits"}, "cv": {"folds": 3},
+                              "backbones": [{"name": "timm:test_resnet"}]})
+    y = np.array([0, 0, 0, 1, 1, 1])
+    fit.check_class_counts(r, y, ("a", "b"))
+    with pytest.raises(recipe_mod.RecipeError, match="class 'b' has 2 distinct ones"):
+        fit.check_class_counts(r, y, ("a", "b"), copies=np.array([0, 1, 2, 3, 3, 5]))
 
 
 def test_a_run_with_relative_data_paths_completes_from_another_folder(tmp_path, session_cache, capsys,

@@ -4,12 +4,13 @@
 
 A run with ``data.source = "folder"`` and ``data.per_class = P`` trains, cross-validates and
 tests on the first P images of every class only. The images after those (P+1 .. P+n of each
-class, in the same source order) were seen by no model and no combiner, so they are a fresh
-held-out set, drawn from the same source: this benchmark scores every member (the mean of
-its fold models, as predict does) and every fitted combiner on them, beside their accuracy
-on the run's own test part. With a few thousand images per set, accuracies move by about
-a point between two such sets by chance alone (binomial standard error near 0.8 points at
-3,000 images and 72%); comparing the two sets shows how much of a gap is that noise.
+class, in the same source order, passing over copies of the run's images) were seen by no model
+and no combiner, so they are a fresh held-out set, drawn from the same source: this benchmark
+scores every member (the mean of its fold models, as predict does) and every fitted combiner on
+them, beside their accuracy on the run's own test part. With a few thousand images per set,
+accuracies move by about a point between two such sets by chance alone (binomial standard error
+near 0.8 points at 3,000 images and 72%); comparing the two sets shows how much of a gap is that
+noise.
 
 Before scoring, the run's subset is rebuilt from the source and its fingerprint checked
 against ``data.json``: a changed or different archive is refused, not silently scored. An
@@ -50,12 +51,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def unseen_indices(y: np.ndarray, per_class: int, n: int) -> np.ndarray:
-    """Indices of images ``per_class .. per_class + n - 1`` of every class, in source order (sorted).
+def unseen_indices(y: np.ndarray, per_class: int, n: int, skip: np.ndarray | None = None) -> np.ndarray:
+    """Indices of the first ``n`` images of every class after its first ``per_class``, in source
+    order (sorted), passing over the rows where ``skip`` is True.
 
     ``data.keep_per_class`` keeps images ``0 .. per_class - 1`` of each class, so none is shared.
     """
-    return np.sort(np.concatenate([np.flatnonzero(y == c)[per_class : per_class + n] for c in np.unique(y)]))
+    chosen = []
+    for c in np.unique(y):
+        rows = np.flatnonzero(y == c)[per_class:]
+        chosen.append((rows if skip is None else rows[~skip[rows]])[:n])
+    return np.sort(np.concatenate(chosen))
+
+
+def copies_of_used(source: data.Images, source_test: data.Images | None, per_class: int) -> np.ndarray:
+    """True for each source image with the same pixels as an image the run used (its first
+    ``per_class`` of a class, or its test folder): a copy is not unseen."""
+    digests = data.row_digests(source.x)
+    used = {digests[i] for i in unseen_indices(source.y.numpy(), 0, per_class)}
+    if source_test is not None:
+        used |= set(data.row_digests(source_test.x))
+    return np.array([d in used for d in digests], dtype=bool)
 
 
 def data_config(run: predict.Run, path: str | None):
@@ -109,7 +125,13 @@ def load_unseen(run: predict.Run, cfg, seed: int, cache: Path, per_class_n: int,
             f"{cfg.path}: the images it gives for this recipe (fingerprint {used.fingerprint}) are not the "
             f"ones the run used ({recorded}, data.json); give the run's own folder or archive with --path"
         )
-    idx = unseen_indices(source.y.numpy(), cfg.per_class, per_class_n)
+    copies = copies_of_used(source, source_test, cfg.per_class)
+    after = unseen_indices(source.y.numpy(), cfg.per_class, len(source.y))
+    if copies[after].any():
+        n = int(copies[after].sum())
+        print(f"note: {n} image{' is a copy' if n == 1 else 's are copies'} of images the run used (the same pixels); "
+              "passed over", file=sys.stderr)
+    idx = unseen_indices(source.y.numpy(), cfg.per_class, per_class_n, skip=copies)
     if not len(idx):
         raise RunError(f"{cfg.path}: no class has more than data.per_class = {cfg.per_class} images; nothing is unseen")
     unseen = data._subset(source, idx)
