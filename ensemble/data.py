@@ -229,27 +229,32 @@ def keep_per_class(images: Images, per_class: int) -> Images:
 def hold_out(images: Images, fraction: float, seed: int) -> tuple[Images, Images]:
     """Stratified split into (train, test) with `fraction` of the images in test.
 
-    Both parts keep source order. Deterministic for a given `seed`.
+    Both parts keep source order. Deterministic for a given `seed`. Copies of one image (the
+    same pixels) go to the same part: a test image must not be a training image.
     """
     from sklearn.model_selection import train_test_split
 
     y = images.y.numpy()
-    n, n_classes = len(y), len(images.classes)
-    counts = np.bincount(y, minlength=n_classes)
+    copies = copy_groups(images.x)
+    distinct = np.arange(len(y)) if copies is None else np.unique(copies)  # the first of each image's copies
+    n, n_classes = len(distinct), len(images.classes)
+    counts = np.bincount(y[distinct], minlength=n_classes)
     worst = int(counts.argmin())
+    images_of = "images" if copies is None else "distinct images"
     if counts[worst] < 2:
         raise DataError(
-            f"data.test_fraction needs at least 2 images per class for a stratified hold-out, but class "
+            f"data.test_fraction needs at least 2 {images_of} per class for a stratified hold-out, but class "
             f"{images.classes[worst]!r} has {counts[worst]}; add images or set data.test_fraction = 0"
         )
     n_test = math.ceil(fraction * n)
     if n_test < n_classes or n - n_test < n_classes:
         raise DataError(
-            f"data.test_fraction = {fraction} of {n} images gives {n_test} test and {n - n_test} training images; "
-            f"both must be at least the number of classes ({n_classes}): change data.test_fraction"
+            f"data.test_fraction = {fraction} of {n} {images_of} gives {n_test} test and {n - n_test} training "
+            f"ones; both must be at least the number of classes ({n_classes}): change data.test_fraction"
         )
-    train_idx, test_idx = train_test_split(np.arange(n), test_size=fraction, stratify=y, random_state=seed)
-    return _subset(images, np.sort(train_idx)), _subset(images, np.sort(test_idx))
+    _, test_rows = train_test_split(distinct, test_size=fraction, stratify=y[distinct], random_state=seed)
+    in_test = np.isin(np.arange(len(y)) if copies is None else copies, test_rows)
+    return _subset(images, np.flatnonzero(~in_test)), _subset(images, np.flatnonzero(in_test))
 
 
 def _subset(images: Images, idx: np.ndarray) -> Images:

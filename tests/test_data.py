@@ -583,3 +583,28 @@ def test_test_images_that_are_training_images_are_noted(tmp_path):
         warnings.simplefilter("error", data.DataNote)  # none shared: no note
         load(tmp_path / "cache", source="folder", path=str(tree), test_path=str(make_tree(tmp_path / "t2", size=(8, 8),
                                                                                            seed=2)), image_size=8)
+
+
+def test_a_hold_out_keeps_copies_of_an_image_on_one_side():
+    """Two copies of one image split between train and test would score the test copy on memory."""
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.integers(0, 256, size=(60, 1, 4, 4), dtype=np.uint8))
+    y = torch.arange(60) % 3
+    x[30:45] = x[0:15]  # 15 images stored twice, each copy in its original's class
+    images = Images(x.contiguous(), y, ("a", "b", "c"))
+    for seed in range(5):
+        train, test = data.hold_out(images, 0.3, seed)
+        assert not set(data.row_digests(train.x)) & set(data.row_digests(test.x))
+        assert len(train.y) + len(test.y) == 60 and set(test.y.tolist()) == {0, 1, 2}
+    from sklearn.model_selection import train_test_split
+
+    x = x[torch.arange(45) + 15]  # no copies left: the plain stratified split, as before copies were grouped
+    _, plain = train_test_split(np.arange(45), test_size=0.3, stratify=y[15:].numpy(), random_state=3)
+    assert torch.equal(data.hold_out(Images(x, y[15:], ("a", "b", "c")), 0.3, 3)[1].x, x[np.sort(plain)])
+
+
+def test_a_hold_out_counts_distinct_images_per_class():
+    x = torch.zeros(6, 1, 2, 2, dtype=torch.uint8)
+    x[:, 0, 0, 0] = torch.tensor([1, 2, 3, 4, 5, 5])
+    with pytest.raises(DataError, match="at least 2 distinct images per class.*class 'b' has 1"):
+        data.hold_out(Images(x, torch.tensor([0, 0, 0, 0, 1, 1]), ("a", "b")), 0.5, 0)
