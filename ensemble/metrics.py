@@ -163,14 +163,16 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray) -> float:
     """Temperature T > 0 minimising the NLL of ``softmax(logits / T)``.
 
     ``logits`` (N, C) may be any log-probabilities (e.g. ``log(proba)``). Searches log T in
-    [log 0.01, log 100] with bounded Brent; the NLL is smooth and unimodal in 1/T.
+    [log 0.01, log 100] with bounded Brent. The NLL is convex in 1/T, so Brent finds its one
+    minimum; it is not capped at ``log(EPS)`` as :func:`nll` is: with a few confidently wrong rows
+    the capped NLL has a second, false minimum at a small T.
     """
     logits, y = _check(logits, y, logits=True)
     rows = np.arange(len(y))
 
     def objective(log_t: float) -> float:
         z = log_softmax(logits / np.exp(log_t))
-        return float(-np.mean(np.maximum(z[rows, y], np.log(EPS))))
+        return float(-np.mean(z[rows, y]))
 
     result = minimize_scalar(
         objective, bounds=_LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-5}

@@ -144,6 +144,24 @@ def test_fit_temperature_recovers_known_t(true_t):
     assert t == pytest.approx(true_t, rel=0.05)
 
 
+def test_fit_temperature_finds_the_lowest_nll_when_a_few_rows_are_confidently_wrong():
+    """Capping each row's log-probability (as nll does) gave the NLL a false minimum at a small T."""
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 10, 500)
+    z = rng.normal(size=(500, 10)) * 2
+    z[np.arange(500), y] += rng.uniform(3, 8, 500)
+    wrong = rng.random(500) < 0.01  # mislabelled rows: the model is sure of another class
+    z[wrong, (y[wrong] + 1) % 10] += 40
+
+    def exact_nll(t: float) -> float:
+        return float(-np.mean(metrics.log_softmax(z / t)[np.arange(500), y]))
+
+    grid = np.exp(np.linspace(np.log(0.01), np.log(100), 2001))
+    best = grid[np.argmin([exact_nll(t) for t in grid])]
+    t = metrics.fit_temperature(z, y)
+    assert t == pytest.approx(best, rel=0.01) and exact_nll(t) <= exact_nll(best) + 1e-9
+
+
 @pytest.mark.parametrize(
     "call, fragment",
     [
