@@ -571,8 +571,26 @@ def cluster(backend: str = "loky", scheduler: str | None = None, address: str | 
 
     Dask: ``scheduler`` is the scheduler's address (tcp://HOST:8786); None starts a
     local cluster. Ray: ``address`` is the head node (HOST:6379, or "auto"); None
-    starts a local Ray. A Ray session that was already running is left running.
+    starts a local Ray. A Ray session that was already running is left running. This
+    process's environment is put back afterwards: a local Dask cluster sets
+    OMP_NUM_THREADS=1 (and more) in it for its workers, which would cap a later local run.
     """
+    with _environ_kept():
+        yield from _connected(backend, scheduler, address)
+
+
+@contextlib.contextmanager
+def _environ_kept() -> Iterator[None]:
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        for key in set(os.environ) - set(saved):
+            del os.environ[key]
+        os.environ.update(saved)
+
+
+def _connected(backend: str, scheduler: str | None, address: str | None) -> Iterator[None]:
     if backend == "dask":
         from dask.distributed import Client
 

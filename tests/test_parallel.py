@@ -78,14 +78,16 @@ def local_run(tmp_path_factory) -> Path:
 
 
 def test_jobs2_twice_gives_bitwise_equal_oof_logits_and_splits_threads(local_run, tmp_path):
+    before = torch.get_num_threads()
     again = _fit(tmp_path, "again", "--jobs", "2")
     assert _threads(again) == _threads(local_run)
     assert_same_oof(again, local_run)
     assert set(_threads(local_run).values()) == {max(1, jobs.usable_cores() // 2)}  # no oversubscription in the workers
-    assert torch.get_num_threads() >= 1  # the parent's own setting is untouched by the jobs
+    assert torch.get_num_threads() == before  # the parent's own setting is untouched by the jobs
 
 
 def test_threads_per_job_count_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # an explicit cap (a shared machine) would change it
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)  # as under `taskset -c 0`
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert jobs._threads_per_job(1) == 1 and jobs._threads_per_job(2) == 1
@@ -198,8 +200,10 @@ def test_a_local_dask_cluster_on_a_gpu_machine_has_one_worker_per_gpu(monkeypatc
     from dask.distributed import get_client
 
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    before = dict(os.environ)
     with jobs.cluster("dask"):
         assert jobs.dask_worker_gpus(get_client()) == [1.0, 1.0]
+    assert dict(os.environ) == before  # Dask set OMP_NUM_THREADS=1 here for its workers: a later run had 1 thread
 
 
 def test_a_dask_scheduler_without_workers_is_one_line(tmp_path, capsys, monkeypatch):
