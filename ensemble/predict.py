@@ -718,8 +718,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)
         if args.members:
             print(describe(run))
-            return 0
-        return predict(run, args)
+            code = 0
+        else:
+            code = predict(run, args)
+        sys.stdout.flush()  # here, not at exit (a pipe is block-buffered): a reader gone is 141 below
+        return code
     except RunError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
