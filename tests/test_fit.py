@@ -828,7 +828,12 @@ def test_ctrl_c_while_fit_is_still_importing_is_one_line(tiny_recipe, tmp_path):
     """torch and timm take a second or more to import; a Ctrl-C then used to be a 40-line traceback."""
     proc = subprocess.Popen([sys.executable, "-m", "ensemble.fit", str(tiny_recipe), "--out", str(tmp_path / "run")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    time.sleep(0.4)
+    maps = Path(f"/proc/{proc.pid}/maps")
+    deadline = time.monotonic() + 30
+    # torch's library is mapped once `import torch` has begun, after fit set its handler; a fixed sleep
+    # sent the signal before that on a loaded machine (a traceback from Python's own start-up)
+    while maps.exists() and "libtorch" not in maps.read_text() and time.monotonic() < deadline:
+        time.sleep(0.005)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err

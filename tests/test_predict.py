@@ -57,7 +57,6 @@ lr = 0.01
 [ensemble]
 combiners = ["mean", "weighted", "stacking", "snapshot"]
 """
-DEMO_RUN = Path(__file__).resolve().parents[1] / "outputs" / "digits_5fold"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -134,12 +133,6 @@ def check_reproduces(run: Path, images: Path, method: str | None, out: Path, cap
 @pytest.mark.parametrize("method", [None, "stacking", "snapshot"])
 def test_reproduces_fit_test_metrics(base, tmp_path, capsys, method):
     check_reproduces(base["run"], base["test"], method, tmp_path / "preds.csv", capsys)
-
-
-@pytest.mark.skipif(not (DEMO_RUN / "combiners" / "index.json").is_file(), reason="demo run not fitted")
-def test_reproduces_demo_run(tmp_path, capsys):
-    folder = write_test_folder(DEMO_RUN, tmp_path / "images", tmp_path / "cache")
-    check_reproduces(DEMO_RUN, folder, None, tmp_path / "preds.csv", capsys)
 
 
 def test_csv_layout(base, tmp_path, capsys):
