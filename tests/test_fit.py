@@ -111,6 +111,19 @@ def test_fit_writes_oof_logits_for_every_row_once(tiny_recipe, tmp_path, session
     assert sorted(f.name for f in (run / "combiners").iterdir()) == ["index.json", "mean.json", "mean.npz"]
 
 
+def test_the_choice_of_the_best_combiner_is_scored_on_folds_it_was_not_made_on():
+    """Each combiner is right on one fold only: picked on the other folds, the pick is always wrong there,
+    although either combiner's own nested accuracy (0.5) is the one fit prints for the best."""
+    from ensemble.evaluate import choice_accuracy
+
+    y, folds = np.array([0, 1, 0, 1]), np.array([0, 0, 1, 1])
+    right, wrong = np.eye(2)[y], np.eye(2)[1 - y]
+    nested = {"a": np.where(folds[:, None] == 0, right, wrong), "b": np.where(folds[:, None] == 1, right, wrong)}
+    assert choice_accuracy(nested, y, folds) == 0.0
+    unsure = np.where(folds[:, None] == 0, 0.6 * right + 0.4 * wrong, wrong)  # a's accuracy on fold 0, higher NLL
+    assert choice_accuracy({"a": unsure, "c": right}, y, folds) == 1.0  # c ranks first on every fold
+
+
 def test_shuffled_labels_score_at_chance(tiny_recipe, tmp_path, session_cache, monkeypatch):
     """Nothing learnable: every member and combiner must sit at chance (1/10) on OOF rows."""
     real = data_mod.load_dataset
@@ -129,7 +142,8 @@ def test_shuffled_labels_score_at_chance(tiny_recipe, tmp_path, session_cache, m
     metrics = json.loads((run / "metrics.json").read_text())
     scores = {f"{kind}:{name}": entry["oof"]["accuracy"]
               for kind in ("members", "combiners") for name, entry in metrics[kind].items()}
-    assert len(scores) == 6
+    scores["the choice of the best"] = metrics["choice_accuracy"]
+    assert len(scores) == 7
     far = {k: v for k, v in scores.items() if abs(v - 0.1) > 0.03}
     assert not far, f"not at chance: {far}"
 
