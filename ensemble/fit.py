@@ -42,7 +42,9 @@ def default_cache_dir() -> Path:
     env = os.environ.get("ENSEMBLE_CACHE")
     if env:
         return Path(env)
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ensemble"
+    xdg = os.environ.get("XDG_CACHE_HOME", "")
+    # unset, empty or relative: ~/.cache, as the XDG rules say (not a folder 'ensemble' where fit runs)
+    return (Path(xdg) if os.path.isabs(xdg) else Path.home() / ".cache") / "ensemble"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -162,14 +162,18 @@ def _type_name(tp) -> str:
     )
 
 
-def _convert(value: Any, tp, key: str, fail) -> Any:
-    """Check ``value`` against the annotation ``tp``; return it in canonical form."""
+def _convert(value: Any, tp, key: str, fail_for) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it in canonical form. ``fail_for(key)``
+    makes the error for a key (a list item's is ``key[i]``)."""
+    fail = fail_for(key)
     origin = typing.get_origin(tp)
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise fail(f"must be a list, got {value!r}")
+            dotted = re.sub(r"\[(\d+)\]", r".\1", key)
+            hint = f"""; write ["{value}"] (with --set: --set "{dotted}=['{value}']")""" if isinstance(value, str) else ""
+            raise fail(f"must be a list, got {value!r}{hint}")
         (item_tp, _) = typing.get_args(tp)
-        return tuple(_convert(v, item_tp, f"{key}[{i}]", fail) for i, v in enumerate(value))
+        return tuple(_convert(v, item_tp, f"{key}[{i}]", fail_for) for i, v in enumerate(value))
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if tp is dict:
@@ -243,7 +247,7 @@ def _build(cls, table: Any, prefix: str, where: str, extra: dict | None = None):
         if dataclasses.is_dataclass(tp):
             values[f.name] = _build(tp, table[f.name], key + ".", where)
             continue
-        value = _convert(table[f.name], tp, key, fail(key))
+        value = _convert(table[f.name], tp, key, fail)
         check = f.metadata.get("check")
         if check is not None and not check(value):
             raise fail(key)(f"must be {f.metadata['expected']}, got {value!r}")
@@ -293,13 +297,17 @@ def _build_backbones(items: Any, train: TrainConfig, where: str) -> tuple[Backbo
         b = _build(BackboneConfig, rest, prefix, where, extra={"train": merged})
         alias = b.alias or _derive_alias(b.name)
         if not is_name(alias):
-            raise RecipeError(f"{where}: {prefix}alias {NAME_RULE}, got {alias!r}")
-        if alias in seen:
+            if b.alias:
+                raise RecipeError(f"{where}: {prefix}alias {NAME_RULE}, got {alias!r}")
+            raise RecipeError(f"{where}: {prefix}name {b.name!r} makes the alias {alias!r}, which is no run "
+                              f"folder name: set {prefix}alias, which {NAME_RULE}")
+        if alias.casefold() in seen:  # members/A and members/a are one folder on macOS and Windows
             raise RecipeError(
-                f"{where}: {prefix}alias {alias!r} is already used by backbones[{seen[alias]}]; "
+                f"{where}: {prefix}alias {alias!r} is already used by backbones[{seen[alias.casefold()]}]"
+                f"{'' if alias in [r.alias for r in result] else ' (letter case aside)'}; "
                 "set a distinct `alias` for one of them"
             )
-        seen[alias] = i
+        seen[alias.casefold()] = i
         result.append(dataclasses.replace(b, alias=alias, own=tuple(sorted(overrides))))
     return tuple(result)
 
@@ -347,6 +355,15 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
+        if raw.strip()[:1] in ("[", "{"):  # meant as a list or table: its text must be quoted
+            quoted = re.sub(r"(?<!['\"\w])([A-Za-z_][\w.+:/-]*)(?!['\"\w])(?!\s*=)", r"'\1'", raw.strip())
+            try:
+                tomllib.loads(f"v = {quoted}")
+                example = f'--set "{key.strip()}={quoted}"'
+            except tomllib.TOMLDecodeError:
+                example = '''--set "ensemble.combiners=['mean', 'stacking']"'''
+            raise RecipeError(f"--set {text!r}: the value is no TOML list or table; quote the text in it, "
+                              f"e.g. {example}") from None
         value = raw
     return key.strip().split("."), value
 

@@ -851,3 +851,13 @@ def test_ctrl_c_while_fit_is_still_importing_is_one_line(tiny_recipe, tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130 and "Traceback" not in err and err.strip().endswith("interrupted"), err
+
+
+@pytest.mark.parametrize("xdg, expected", [("", "~/.cache/ensemble"), ("relative/cache", "~/.cache/ensemble"),
+                                           ("/srv/cache", "/srv/cache/ensemble")])
+def test_the_default_cache_follows_xdg_rules(xdg, expected, monkeypatch):
+    """An empty or relative XDG_CACHE_HOME is ignored, as the XDG rules say: it put the cache in a folder
+    named 'ensemble' wherever fit ran (the package's own source folder, from the repo root)."""
+    monkeypatch.delenv("ENSEMBLE_CACHE", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+    assert fit.default_cache_dir() == Path(expected).expanduser()

@@ -40,6 +40,18 @@ BAD_OVERRIDES = [
     (["backbones.2.snapshots=3"], "backbones[2].snapshots = 3 must divide epochs = 16"),
     (["train.snapshots=3"], "digits_5fold.toml: train.snapshots = 3 must divide epochs = 16"),
     (["backbones.1.alias='test_resnet'"], "backbones[1].alias 'test_resnet' is already used by backbones[0]"),
+    # members/Test_ResNet and members/test_resnet are one folder on macOS and Windows
+    (["backbones.1.alias='Test_ResNet'"],
+     "backbones[1].alias 'Test_ResNet' is already used by backbones[0] (letter case aside)"),
+    (["backbones.0.name='timm:hf-hub:timm/resnet18.a1_in1k'"],
+     "backbones[0].name 'timm:hf-hub:timm/resnet18.a1_in1k' makes the alias 'hf-hub:timm_resnet18.a1_in1k', which "
+     "is no run folder name: set backbones[0].alias, which must be 1 to 100 letters"),
+    # a list item's error names the item; a list of bare words says how to quote them
+    (["ensemble.combiners=[1]"], "ensemble.combiners[0] must be a string, got 1"),
+    (["ensemble.combiners=[mean, vote]"], "--set 'ensemble.combiners=[mean, vote]': the value is no TOML list or "
+                                          "table; quote the text in it, e.g. --set \"ensemble.combiners=['mean', 'vote']\""),
+    (["backbones.0.augment=flip"], """backbones[0].augment must be a list, got 'flip'; write ["flip"] (with --set: """
+                                   """--set "backbones.0.augment=['flip']")"""),
     (["ensemble.combiners=['vote','stack']"], "ensemble.combiners[1] must be one of"),
     (["ensemble.meta_learner='svm'"],
      "ensemble.meta_learner must be one of logistic | random_forest | extra_trees | gradient_boosting | knn, got 'svm'"),
