@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import shlex
 import shutil
 import signal
 import sys
@@ -219,8 +220,12 @@ def check_out(run_dir: Path, recipe: Recipe) -> str | None:
     except ValueError:
         name = None
     if name != recipe.name:
-        held = f"the run {name!r}" if name else "a run whose recipe.toml cannot be read"
-        raise RecipeError(f"--out {run_dir} holds {held}, not {recipe.name!r}; give another --out "
+        if name:
+            raise RecipeError(f"--out {run_dir} holds the run {name!r}, not {recipe.name!r}; give another --out "
+                              "or delete that folder")
+        restore = f"cp {shlex.quote(str(recipe.source_file))} {shlex.quote(str(run_dir / 'recipe.toml'))}"
+        raise RecipeError(f"--out {run_dir} holds a run whose recipe.toml cannot be read; if it is this recipe's "
+                          f"run, restore that file (`{restore}`: finished jobs are reused), else give another --out "
                           "or delete that folder")
     return previous
 
@@ -292,6 +297,16 @@ def check_weights(run_dir: Path, jobs: list) -> None:
             store.require_weights_file(folder / name, store.retrain_hint(run_dir, folder))
 
 
+def note_damaged_weights(run_dir: Path, finished: list) -> None:
+    """A note for finished jobs whose weights are missing or damaged: fit needs only their logits
+    and goes on, but predict could not use them (fit said "done" and predict failed)."""
+    damaged = [p for j in finished if (p := store.unreadable_weights(store.job_dir(run_dir, j.alias, j.fold),
+                                                                     j.backbone.train.snapshots or 1))]
+    if damaged:
+        print(f"note: {len(damaged)} finished job(s) lack whole weights, e.g. {damaged[0]} (missing or damaged): "
+              f"predict cannot use them; {store.retrain_hint(run_dir, damaged[0].parent)}", file=sys.stderr)
+
+
 def test_outdated(run_dir: Path, job) -> bool:
     """True when a finished job's test logits are not of the run's current test images, or missing."""
     folder = store.job_dir(run_dir, job.alias, job.fold)
@@ -329,6 +344,8 @@ def run(args: argparse.Namespace) -> Path:
     run_dir = args.out or Path("outputs") / recipe.name
     check_out(run_dir, recipe)  # refused before the folder is made
     with run_lock(run_dir):
+        for stale in (run_dir / "members").rglob(".*.tmp"):  # a killed fit's half-written files (only fit
+            stale.unlink(missing_ok=True)                     # writes members/, and it is locked to this one)
         return _run_locked(args, recipe, run_dir, check_out(run_dir, recipe), missing)  # read again, locked
 
 
@@ -387,6 +404,7 @@ def _run_locked(args: argparse.Namespace, recipe: Recipe, run_dir: Path, previou
     all_jobs = jobs_mod.plan(recipe, dataset.fingerprint, folds, dataset.test_fingerprint)
     pending = [j for j in all_jobs if not store.is_done(store.job_dir(run_dir, j.alias, j.fold), j.key)]
     new_test = [j for j in all_jobs if j not in pending and test_outdated(run_dir, j)]
+    note_damaged_weights(run_dir, [j for j in all_jobs if j not in pending and j not in new_test])
     to_train = {j.alias for j in pending}
     if pending:
         say_why_all_retrain(run_dir, dataset)

@@ -132,7 +132,7 @@ def _read_recipe(path: Path) -> Recipe:
 
 
 def _read_data_info(path: Path) -> DataInfo:
-    d = store.read_json(path)
+    d = store.read_json(path, run_dir=path.parent)
     try:
         info = DataInfo(
             classes=tuple(str(c) for c in d["classes"]),
@@ -155,7 +155,7 @@ def _read_data_info(path: Path) -> DataInfo:
 
 
 def _read_index(path: Path) -> tuple[dict, str | None]:
-    doc = store.read_json(path)
+    doc = store.read_json(path, run_dir=path.parent.parent)
     entries = doc.get("combiners") if isinstance(doc, dict) else None
     good = isinstance(entries, dict) and all(
         isinstance(e, dict) and isinstance(e.get("file"), str) and isinstance(e.get("members"), list)
@@ -681,13 +681,12 @@ def predict(run: Run, args: argparse.Namespace) -> int:
                            args.batch_size, progress=not args.quiet)
     proba = combiner.predict_proba(logits)
     seconds = time.perf_counter() - start
+    metrics_path(args.out).unlink(missing_ok=True)  # first: a kill must not pair an earlier CSV's metrics with this
     write_csv(args.out, inputs.paths, proba, run.data.classes, inputs.labels)
     print(f"method {name}{' (best)' if name == run.best else ''}: {count_of(len(members), 'member')} x "
           f"{run.recipe.cv.folds} folds on {device}; wrote {args.out}")
     if inputs.labels is not None:
         report_metrics(proba, inputs.labels, run, name, args)
-    else:
-        metrics_path(args.out).unlink(missing_ok=True)  # never leave metrics of an earlier CSV beside this one
     n = len(inputs.paths)
     failed = f"; {count_of(len(inputs.failures), 'input')} failed" if inputs.failures else ""
     print(f"{count_of(n, 'image')} predicted in {seconds:.2f} s: {n / max(seconds, 1e-9):.1f} images/s "

@@ -91,10 +91,11 @@ def _need(path: Path, run_dir: Path, hint: Callable[[], str] | None = None) -> P
 
 
 def _read_json(path: Path, run_dir: Path, hint: Callable[[], str] | None = None) -> dict:
+    _need(path, run_dir, hint)  # outside the try: its ReportError is a ValueError too
     try:
-        return json.loads(_need(path, run_dir, hint).read_text())
+        return json.loads(path.read_text())
     except ValueError as exc:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
-        what = hint() if hint else "rerun the step that writes it"
+        what = hint() if hint else f"rewrite it with `{store.fit_command(run_dir)}` (cached jobs are reused)"
         raise ReportError(f"{path} is not valid JSON ({exc}); {what}") from None
 
 

@@ -183,13 +183,16 @@ def read_npy(path: Path, hint: Callable[[], str] | None = None) -> np.ndarray:
         raise RunError(f"{path}: not a readable numpy array ({exc})" + (f"; {hint()}" if hint else "")) from None
 
 
-def read_json(path: Path):
+def read_json(path: Path, run_dir: Path | None = None):
+    """A JSON file's content; a RunError where it is missing or damaged (saying how ``run_dir``'s fit
+    rewrites it, where given)."""
     try:
         return json.loads(Path(path).read_text())
     except FileNotFoundError:
         raise RunError(f"{path}: missing; {COMPLETE}") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise RunError(f"{path}: not valid JSON ({exc})") from None
+        fix = f"; rewrite it with `{fit_command(run_dir)}` (cached jobs are reused)" if run_dir else ""
+        raise RunError(f"{path}: not valid JSON ({exc}){fix}") from None
 
 
 # --------------------------------------------------------------------------- jobs
@@ -248,6 +251,20 @@ def weight_files(n_models: int) -> list[str]:
     """The weights files of a job that kept ``n_models`` models, in training order: its
     snapshots, then its final weights."""
     return [f"snapshot{i}.safetensors" for i in range(n_models - 1)] + ["weights.safetensors"]
+
+
+def unreadable_weights(directory: Path, n_models: int) -> Path | None:
+    """The first of a job's weights files that is missing or not whole safetensors (a truncated
+    copy, a disk error), else None. Reads only the files' headers."""
+    from safetensors import safe_open
+
+    for name in weight_files(n_models):
+        try:
+            with safe_open(str(Path(directory) / name), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - missing, truncated, not safetensors: all the same here
+            return Path(directory) / name
+    return None
 
 
 def require_weights_file(path: Path, hint: str) -> None:

@@ -861,3 +861,32 @@ def test_the_default_cache_follows_xdg_rules(xdg, expected, monkeypatch):
     monkeypatch.delenv("ENSEMBLE_CACHE", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", xdg)
     assert fit.default_cache_dir() == Path(expected).expanduser()
+
+
+def test_a_rerun_after_damage_outside_fit_says_what_it_found(tmp_path, session_cache, capsys):
+    """Weights truncated after the job finished: fit (which needs only logits) goes on but says so, where it
+    said "done" and predict failed later; a killed write's temp file is removed; an unreadable recipe.toml
+    is restored with a copy of the recipe, keeping every finished job."""
+    tree = digit_tree(tmp_path / "imgs")
+    (tmp_path / "r.toml").write_text(FOLDER_RECIPE.replace('"imgs"', json.dumps(str(tree))))
+    run = tmp_path / "run"
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    trained = job_pids(run)
+    weights = run / "members" / "test_resnet" / "fold1" / "weights.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    leftover = weights.with_name(".weights.safetensors.k2j4x9.tmp")  # a SIGKILL during atomic_write
+    leftover.write_bytes(b"half")
+    capsys.readouterr()
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    err = capsys.readouterr().err
+    assert f"note: 1 finished job(s) lack whole weights, e.g. {weights} (missing or damaged): predict cannot use " \
+           f"them; delete {weights.parent} and run `python -m ensemble.fit" in err
+    assert not leftover.exists() and job_pids(run) == trained
+
+    (run / "recipe.toml").write_bytes(b"\xff\xfe not toml")
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 2
+    err = capsys.readouterr().err
+    assert "holds a run whose recipe.toml cannot be read; if it is this recipe's run, restore that file (`cp " in err
+    shutil.copy(tmp_path / "r.toml", run / "recipe.toml")  # as the message says
+    assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
+    assert job_pids(run) == trained

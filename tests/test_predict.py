@@ -135,6 +135,31 @@ def test_reproduces_fit_test_metrics(base, tmp_path, capsys, method):
     check_reproduces(base["run"], base["test"], method, tmp_path / "preds.csv", capsys)
 
 
+def test_a_kill_after_the_csv_never_leaves_an_earlier_csvs_metrics_beside_it(base, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "p.csv"
+    assert call([base["run"], base["test"], "--out", out, "--quiet"], capsys)[0] == 0
+    assert predict.metrics_path(out).is_file()  # labelled images: metrics beside the CSV
+    real = predict.write_csv
+
+    def then_killed(*args):
+        real(*args)
+        raise KeyboardInterrupt  # Ctrl-C (or a kill) between the CSV and its metrics
+
+    monkeypatch.setattr(predict, "write_csv", then_killed)
+    assert call([base["run"], base["test"], "--out", out, "--quiet"], capsys)[0] == 130
+    assert out.is_file() and not predict.metrics_path(out).exists()
+
+
+@pytest.mark.parametrize("damaged", ["data.json", "combiners/index.json"])
+def test_a_damaged_run_file_says_how_fit_rewrites_it(base, tmp_path, capsys, damaged):
+    run = tmp_path / "run"
+    shutil.copytree(base["run"], run)
+    (run / damaged).write_text("{not json")
+    rc, _, err = call([run, base["test"], "--out", tmp_path / "p.csv", "--quiet"], capsys)
+    assert rc == 2 and f"{damaged}: not valid JSON (" in err
+    assert f"); rewrite it with `python -m ensemble.fit {run / 'recipe.toml'} --out {run}" in err
+
+
 def test_csv_layout(base, tmp_path, capsys):
     out = tmp_path / "sub" / "p.csv"
     rc, _, _ = call([base["run"], base["test"], "--out", out, "--quiet"], capsys)

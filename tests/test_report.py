@@ -340,7 +340,11 @@ def _edit_metrics(run: Path, edit) -> None:
     (lambda run: np.save(run / "members/convnext_nano/fold0/oof_logits.npy", np.float32(1)),
      r"fold0/oof_logits.npy: shape \(\), expected 3 dimensions"),
     (lambda run: (run / "metrics.json").write_text("{}"), "no 'member_names' key"),
-    (lambda run: (run / "metrics.json").write_text("{not json"), "not valid JSON"),
+    (lambda run: (run / "metrics.json").write_text("{not json"),
+     r"metrics.json is not valid JSON \(.*\); rewrite it with `python -m ensemble.fit .*` \(cached jobs are reused\)$"),
+    # a missing file is not "not valid JSON" (a ReportError is a ValueError, and was caught as one)
+    (lambda run: (run / "metrics.json").unlink(), r"metrics.json is missing: the run is incomplete; finish it with "
+                                                   r"`python -m ensemble.fit [^`]*` \(cached jobs are reused\), then retry$"),
     (lambda run: np.save(run / "folds.npy", np.zeros(3, dtype=np.int64)),
      r"must be \(N,\) of equal length"),
     (lambda run: shutil.rmtree(run), "does not exist"),
