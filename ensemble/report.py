@@ -718,12 +718,21 @@ def render_html(run: Run, pngs: dict) -> str:
             f"{len(run.y)} training images (OOF rows), {len(run.classes)} classes: "
             f"{html.escape(store.class_list(run.classes))}; "
             f"report generated {now}. Best combiner (nested OOF accuracy): "
-            f"<b>{html.escape(str(run.metrics.get('best')))}</b>.</p>\n"
+            f"<b>{html.escape(str(run.metrics.get('best')))}</b>{_choice(run.metrics)}.</p>\n"
             f"<h2>Metrics</h2>\n<p>Split <code>oof</code>: a member's row is predicted by the one fold model "
             f"that did not train on it; a combiner's by nested cross-validation (fitted without that row's "
             f"fold).{test}</p>\n"
             f"{metrics_table(run.metrics)}\n<h2>Plots</h2>\n{_label_note(run)}{figures}\n"
             f"<h2>Recipe</h2>\n<pre>{html.escape(run.recipe_text)}</pre>\n</body></html>\n")
+
+
+def _choice(metrics: dict) -> str:
+    """The choice of the best, itself scored nested (from fit since 2026-11-24; older runs lack it)."""
+    value = metrics.get("choice_accuracy")
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return ""
+    return (f"; picking the best this way, scored on folds it was not picked on: {value:.4f} OOF accuracy "
+            "(the best's own nested score reads a little high: it won among several)")
 
 
 def write_report(run_dir, out_dir=None) -> Path:

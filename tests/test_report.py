@@ -523,6 +523,14 @@ def test_missing_glyphs_are_one_note_not_a_warning_each(tmp_path, capsys):
     assert "\ue000 \ue001" in err and err.endswith("; the plots show them as boxes\n")
 
 
+def test_the_page_gives_the_choice_of_the_best_scored_nested_where_fit_recorded_it(tmp_path):
+    run = make_run(tmp_path)
+    assert "picking the best this way" not in write_report(run).read_text()  # a run from before it was recorded
+    _edit_metrics(run, lambda m: m.update(choice_accuracy=0.81234))
+    assert "picking the best this way, scored on folds it was not picked on: 0.8123 OOF accuracy" \
+        in write_report(run).read_text()
+
+
 def test_wording_follows_the_run(tmp_path):
     run = make_run(tmp_path / "a", with_test=False)
     page = write_report(run).read_text()
