@@ -111,7 +111,8 @@ def describe_test_set(dataset) -> str:
 
 def check_class_counts(recipe: Recipe, y: np.ndarray, classes, copies: np.ndarray | None = None) -> None:
     """Every class needs cv.folds distinct training images: copies of an image share a fold."""
-    distinct = y if copies is None else y[np.unique(copies)]
+    # with copies: each class counts the images (copy groups) it holds, one filed under two classes in both
+    distinct = y if copies is None else np.unique(np.stack([copies, y], 1), axis=0)[:, 1]
     counts = np.bincount(distinct, minlength=len(classes))
     worst = int(counts.argmin())
     if counts[worst] < recipe.cv.folds:
@@ -222,6 +223,13 @@ def check_out(run_dir: Path, recipe: Recipe) -> str | None:
     if name != recipe.name:
         if name:
             raise RecipeError(f"--out {run_dir} holds the run {name!r}, not {recipe.name!r}; give another --out "
+                              "or delete that folder")
+        try:  # the recipe file restores the run only where it names it (no --set name=...)
+            same = recipe_mod.tomllib.loads(Path(recipe.source_file).read_text()).get("name") == recipe.name
+        except (OSError, ValueError):
+            same = False
+        if not same:
+            raise RecipeError(f"--out {run_dir} holds a run whose recipe.toml cannot be read; give another --out "
                               "or delete that folder")
         restore = f"cp {shlex.quote(str(recipe.source_file))} {shlex.quote(str(run_dir / 'recipe.toml'))}"
         raise RecipeError(f"--out {run_dir} holds a run whose recipe.toml cannot be read; if it is this recipe's "

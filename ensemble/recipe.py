@@ -15,6 +15,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -355,11 +356,12 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
-        if raw.strip()[:1] in ("[", "{"):  # meant as a list or table: its text must be quoted
+        if raw.strip()[:1] + raw.strip()[-1:] in ("[]", "{}"):  # meant as a list or table: quote its text
             quoted = re.sub(r"(?<!['\"\w])([A-Za-z_][\w.+:/-]*)(?!['\"\w])(?!\s*=)", r"'\1'", raw.strip())
             try:
                 tomllib.loads(f"v = {quoted}")
-                example = f'--set "{key.strip()}={quoted}"'
+                arg = f"{key.strip()}={quoted}"
+                example = f'--set "{arg}"' if '"' not in arg else f"--set {shlex.quote(arg)}"
             except tomllib.TOMLDecodeError:
                 example = '''--set "ensemble.combiners=['mean', 'stacking']"'''
             raise RecipeError(f"--set {text!r}: the value is no TOML list or table; quote the text in it, "

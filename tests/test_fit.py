@@ -375,6 +375,7 @@ def test_a_class_with_fewer_distinct_images_than_folds_is_refused(tmp_path):
     fit.check_class_counts(r, y, ("a", "b"))
     with pytest.raises(recipe_mod.RecipeError, match="class 'b' has 2 distinct ones"):
         fit.check_class_counts(r, y, ("a", "b"), copies=np.array([0, 1, 2, 3, 3, 5]))
+    fit.check_class_counts(r, y, ("a", "b"), copies=np.array([0, 1, 2, 0, 4, 5]))  # one image filed under both
 
 
 def test_a_run_with_relative_data_paths_completes_from_another_folder(tmp_path, session_cache, capsys,
@@ -890,3 +891,12 @@ def test_a_rerun_after_damage_outside_fit_says_what_it_found(tmp_path, session_c
     shutil.copy(tmp_path / "r.toml", run / "recipe.toml")  # as the message says
     assert fit.main(fit_args(tmp_path / "r.toml", run, session_cache)) == 0
     assert job_pids(run) == trained
+
+    # a run named with --set: the recipe file names another run, so copying it would not restore this one
+    renamed = tmp_path / "renamed"
+    assert fit.main(fit_args(tmp_path / "r.toml", renamed, session_cache, "--set", "name='other'")) == 0
+    (renamed / "recipe.toml").write_bytes(b"\xff")
+    capsys.readouterr()
+    assert fit.main(fit_args(tmp_path / "r.toml", renamed, session_cache, "--set", "name='other'")) == 2
+    err = capsys.readouterr().err
+    assert "holds a run whose recipe.toml cannot be read; give another --out or delete that folder" in err

@@ -327,3 +327,19 @@ def test_shipped_recipes_load_and_build_every_backbone(path, tmp_path):
         model = backbones.create(b.name, num_classes=10, stem=b.stem, model_args=b.model_args).eval()
         with torch.no_grad():
             assert model(torch.zeros(2, 3, 32, 32)).shape == (2, 10), b.alias
+
+
+def test_plain_text_starting_with_a_bracket_is_still_text():
+    assert recipe.parse_override("data.path=[2024] photos/train") == (["data", "path"], "[2024] photos/train")
+
+
+def test_the_quoting_hint_survives_the_shell_when_the_value_holds_double_quotes():
+    import shlex
+    import tomllib
+
+    with pytest.raises(recipe.RecipeError) as caught:
+        recipe.parse_override('train.augment=["flip", crop]')
+    hint = str(caught.value).split("e.g. ", 1)[1]
+    (arg,) = shlex.split(hint.removeprefix("--set "))  # as the shell hands it to fit
+    key, value = arg.split("=", 1)
+    assert key == "train.augment" and tomllib.loads(f"v = {value}")["v"] == ["flip", "crop"]
