@@ -133,6 +133,17 @@ class Dataset:
     std: tuple[float, ...]
 
     @cached_property
+    def train_digests(self) -> list[bytes]:
+        """A digest of each training image's pixels (equal for copies of one image)."""
+        return row_digests(self.train.x)
+
+    @cached_property
+    def copies(self) -> np.ndarray | None:
+        """For each training image, the index of the first one with the same pixels; None when no
+        two are alike (see :func:`copy_groups`)."""
+        return _first_of_each(self.train_digests)
+
+    @cached_property
     def test_fingerprint(self) -> str:
         return "" if self.test is None else fingerprint(self.test)
 
@@ -190,9 +201,10 @@ def select(train: Images, test: Images | None, cfg, seed: int) -> Dataset:
                           "the test set is held out of its training split")])
         train, test = hold_out(train, cfg.test_fraction, seed)
     train, test = _same_channels(train, test)
-    _note_shared_images(train, test)
     mean, std = channel_stats(train.x)
-    return Dataset(train=train, test=test, fingerprint=fingerprint(train), mean=mean, std=std)
+    dataset = Dataset(train=train, test=test, fingerprint=fingerprint(train), mean=mean, std=std)
+    _note_shared_images(dataset)
+    return dataset
 
 
 def _load_source(cfg, cache_dir: Path, progress: bool) -> tuple[Images, Images | None]:
@@ -262,12 +274,13 @@ def _subset(images: Images, idx: np.ndarray) -> Images:
     return Images(images.x[index].contiguous(), images.y[index].contiguous(), images.classes)
 
 
-def _note_shared_images(train: Images, test: Images | None) -> None:
+def _note_shared_images(dataset: Dataset) -> None:
     """A note when test images are pixel for pixel training images: their test scores measure
     memory, not accuracy on images the models never saw."""
+    test = dataset.test
     if test is None or not len(test.y):
         return
-    seen = set(row_digests(train.x))
+    seen = set(dataset.train_digests)
     shared = sum(d in seen for d in row_digests(test.x))
     if shared:
         also = "is also a training image" if shared == 1 else "are also training images"
@@ -277,8 +290,12 @@ def _note_shared_images(train: Images, test: Images | None) -> None:
 
 def copy_groups(x: torch.Tensor) -> np.ndarray | None:
     """For each image, the index of the first image with the same pixels; None when no two are alike."""
+    return _first_of_each(row_digests(x))
+
+
+def _first_of_each(digests: list[bytes]) -> np.ndarray | None:
     first: dict[bytes, int] = {}
-    groups = np.array([first.setdefault(d, i) for i, d in enumerate(row_digests(x))], dtype=np.int64)
+    groups = np.array([first.setdefault(d, i) for i, d in enumerate(digests)], dtype=np.int64)
     return None if len(first) == len(groups) else groups
 
 

@@ -159,7 +159,11 @@ def _file_name(name: str) -> str:
 def rank(entry: dict) -> tuple[float, float]:
     """How fit picks the best: OOF accuracy, then OOF log-loss (an entry of metrics.json)."""
     oof = entry["oof"]
-    return (oof["accuracy"], -oof["nll"])
+    return _rank_by(oof["accuracy"], oof["nll"])
+
+
+def _rank_by(accuracy: float, nll: float) -> tuple[float, float]:
+    return (accuracy, -nll)
 
 
 def choice_accuracy(nested: dict[str, np.ndarray], y: np.ndarray, folds: np.ndarray) -> float:
@@ -172,8 +176,8 @@ def choice_accuracy(nested: dict[str, np.ndarray], y: np.ndarray, folds: np.ndar
     hits = 0
     for k in np.unique(folds):
         pick, held = folds != k, folds == k
-        best = max(nested, key=lambda n: (float((nested[n][pick].argmax(axis=1) == y[pick]).mean()),
-                                          -metrics.nll(nested[n][pick], y[pick])))
+        best = max(nested, key=lambda n: _rank_by(float((nested[n][pick].argmax(axis=1) == y[pick]).mean()),
+                                                  metrics.nll(nested[n][pick], y[pick])))
         hits += int((nested[best][held].argmax(axis=1) == y[held]).sum())
     return hits / len(y)
 

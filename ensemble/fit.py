@@ -86,7 +86,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def make_folds(y: np.ndarray, k: int, seed: int, copies: np.ndarray | None = None) -> np.ndarray:
     """One stratified k-fold split: the fold index (0..k-1) of every row, shape (N,).
 
-    ``copies`` (:func:`data.copy_groups`: rows with equal values hold the same pixels) keeps
+    ``copies`` (``Dataset.copies``: rows with equal values hold the same pixels) keeps
     every copy of an image in one fold, so no fold model is scored on an image it trained on.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
@@ -381,7 +381,7 @@ def run_lock(run_dir: Path):
 
 def _run_locked(args: argparse.Namespace, recipe: Recipe, run_dir: Path, previous: str | None,
                 missing: RecipeError | None) -> Path:
-    from .data import DataError, NoImagesError, copy_groups, load_dataset, notes_printed
+    from .data import DataError, NoImagesError, load_dataset, notes_printed
 
     t0 = time.perf_counter()
     if missing is not None:
@@ -401,10 +401,9 @@ def _run_locked(args: argparse.Namespace, recipe: Recipe, run_dir: Path, previou
         if isinstance(exc, NoImagesError) and refit_combiners_only(recipe, run_dir, previous, args, t0, str(exc)):
             return run_dir  # an empty folder: a disk not mounted at its mount point
         raise recipe.error("data", f"cannot be loaded: {exc}") from None
-    copies = copy_groups(dataset.train.x)
-    check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes, copies)
-    note_copies(copies)
-    folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed, copies)
+    check_class_counts(recipe, dataset.train.y.numpy(), dataset.train.classes, dataset.copies)
+    note_copies(dataset.copies)
+    folds = make_folds(dataset.train.y.numpy(), recipe.cv.folds, recipe.seed, dataset.copies)
     check_fits(recipe, len(dataset.train.classes), len(folds) - int(np.bincount(folds).max()))
     print(f"data: {len(dataset.train.y)} training images, {describe_test_set(dataset)}, "
           f"{len(dataset.train.classes)} classes: {store.class_list(dataset.train.classes)} "
